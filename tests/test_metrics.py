@@ -211,3 +211,24 @@ def test_a_batchs_failures_count_only_once_committed() -> None:
     before = failed()
     _account(report, claimed=2)
     assert failed() == before + 1
+
+
+def test_turns_run_and_never_stored_are_counted_by_their_outcome() -> None:
+    """Found in review: a turn answered after its lease lapsed (not stored), or left under a dead
+    engine's lease, was claimed and run and counted in no outcome of mlchat_turns_total."""
+    import uuid
+
+    from prometheus_client import REGISTRY
+
+    from core.settings import settings
+    from worker.pipeline import BatchReport, _account
+
+    def count(outcome: str) -> float:
+        return (
+            REGISTRY.get_sample_value("mlchat_turns_total", {"model": settings.model, "outcome": outcome})
+            or 0.0
+        )
+
+    before = count("lost"), count("unsettled")
+    _account(BatchReport(lost=[uuid.uuid4(), uuid.uuid4()], unsettled=[uuid.uuid4()]), claimed=3)
+    assert (count("lost") - before[0], count("unsettled") - before[1]) == (2, 1)

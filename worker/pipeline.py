@@ -1076,6 +1076,10 @@ def _account(report: BatchReport, *, claimed: int) -> None:
             "retried": len(report.retry),
             "deferred": len(report.deferred),
             "handed_back": len(report.handed_back),
+            # run and never stored (the lease lapsed), or left under this lease by a dead engine: the
+            # engine time they took was counted in no outcome (review)
+            "lost": len(report.lost),
+            "unsettled": len(report.unsettled),
         },
         tokens=_engine_tokens(report),
     )
