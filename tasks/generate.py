@@ -27,6 +27,7 @@ from typing import Any
 
 from tenacity import retry, stop_after_attempt, wait_exponential
 
+from core.now_and_then import NowAndThen
 from core.settings import Lane, queue_for_model, settings
 from tasks.admission import BulkGatedBatches, bulk_gate, bulk_turns_in, deferred
 from tasks.app import app, within_visibility
@@ -205,6 +206,10 @@ class ChunkRaised:
     report: Any  # the BatchReport as far as the batch got: turns it had written already are in it
 
 
+# A database that is away fails every batch, each a second or so: said now and then, not each time.
+_DATABASE_AWAY_SAID = NowAndThen(30.0)
+
+
 def _answer_chunk(chunk: list[Pending]) -> Any:
     """process_batch for one chunk (one lane); the report, or ChunkRaised."""
     from core.panics import fenced
@@ -217,12 +222,23 @@ def _answer_chunk(chunk: list[Pending]) -> Any:
     except BaseException as exc:  # a native panic too: its turns come back each alone, as for any error
         if not fenced(exc):
             raise
-        logger.exception(
-            "batch of %d turns failed; sent again in %.1f s: %s",
-            len(chunk),
-            settings.batch_retry_delay,
-            " ".join(str(turn_id) for turn_id, _ in chunk),
-        )
+        from db.session import database_away
+
+        away = database_away(exc)
+        if away is None:
+            logger.exception(
+                "batch of %d turns failed; sent again in %.1f s: %s",
+                len(chunk),
+                settings.batch_retry_delay,
+                " ".join(str(turn_id) for turn_id, _ in chunk),
+            )
+        elif (batches := _DATABASE_AWAY_SAID.due()) is not None:  # one line a while, no traceback
+            logger.warning(
+                "%s: %d batch(es) failed since the last line, their turns sent again (every %.1f s)",
+                away,
+                batches,
+                settings.batch_retry_delay,
+            )
         return ChunkRaised(exc, report)
 
 

@@ -908,6 +908,44 @@ def test_a_chunk_whose_batch_panics_comes_back_to_be_sent_again_and_an_exit_goes
         generate._answer_chunk([(uuid.uuid4(), "live")])
 
 
+def test_a_database_outage_is_one_line_a_while_not_a_traceback_a_batch(monkeypatch, caplog) -> None:
+    """Found in review: with the database away every flush's claim raised, and each was a traceback
+    (its turns then came back one a message, each its own traceback): about a thousand log lines a
+    second from a busy worker, the one useful line lost among them. An outage is one line naming
+    DATABASE_URL every 30 s, counting the batches it stands for; any other error keeps its traceback."""
+    import logging
+    import uuid
+
+    from sqlalchemy.exc import OperationalError
+
+    from core.now_and_then import NowAndThen
+    from tasks import generate
+    from tests.conftest import patch_on_this_thread
+    from worker import pipeline
+
+    class Refused(Exception):
+        sqlstate = "08006"  # connection_failure
+
+    def away(turn_ids, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT", {}, Refused("connection refused"))
+
+    patch_on_this_thread(monkeypatch, pipeline, "process_batch", away)
+    monkeypatch.setattr(generate, "_DATABASE_AWAY_SAID", NowAndThen(30.0), raising=False)  # said afresh
+    caplog.set_level(logging.WARNING, logger="tasks.generate")
+    for _ in range(5):
+        assert isinstance(generate._answer_chunk([(uuid.uuid4(), "live")]), generate.ChunkRaised)
+    said = [r for r in caplog.records if r.name == "tasks.generate"]
+    assert len(said) == 1 and said[0].exc_info is None, [r.getMessage() for r in said]
+    assert said[0].getMessage().startswith("the database is unreachable (DATABASE_URL")
+
+    def broken(turn_ids, **kwargs):  # type: ignore[no-untyped-def]
+        raise ValueError("a bug")
+
+    patch_on_this_thread(monkeypatch, pipeline, "process_batch", broken)
+    generate._answer_chunk([(uuid.uuid4(), "live")])
+    assert caplog.records[-1].exc_info is not None  # a bug keeps its traceback, every time
+
+
 def test_the_generation_stage_leaves_out_the_earlier_groups_judging_and_writing() -> None:
     """Found in review (numeric correctness): a batch's generate_ms ran from submission to its last
     reply, across the earlier groups' judging and writing, which are stages of their own too: the

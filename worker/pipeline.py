@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from tenacity.stop import stop_base
 
 from core import metrics
+from core.now_and_then import NowAndThen
 from core.panics import fenced
 from core.settings import Lane, settings
 from db.callbacks import with_callbacks
@@ -38,6 +39,7 @@ from db.session import (
     again_on_conflict,
     again_while_away,
     connection_lost,
+    database_away,
     rolled_back_for_a_conflict,
     session_scope,
 )
@@ -354,9 +356,18 @@ def _best_effort_hand_back(
             max_wait_s=5.0,
             stop=_ShuttingDown(),
         )
-    except Exception:
-        logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
+    except Exception as exc:
+        away = database_away(exc)
+        if away is None:
+            logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
+        elif (times := _HAND_BACK_AWAY_SAID.due()) is not None:  # an outage: one line a while
+            logger.warning(
+                "%s: %d hand-back(s) failed since the last line; their leases will expire", away, times
+            )
     return None
+
+
+_HAND_BACK_AWAY_SAID = NowAndThen(30.0)
 
 
 HAND_BACK_FIRST_WAIT_S = 0.25
