@@ -128,6 +128,11 @@ def _changes(turn_id: uuid.UUID) -> int:
         return int(s.scalar(select(func.count()).where(TurnReviewChange.turn_id == turn_id)) or 0)
 
 
+def _custom_id(turn_id: uuid.UUID) -> str:
+    with session_scope() as s:
+        return str(s.get_one(Turn, turn_id).custom_id)
+
+
 def _reply(turn_id: uuid.UUID) -> str | None:
     with session_scope() as s:
         return s.get_one(Turn, turn_id).reply
@@ -288,6 +293,7 @@ def test_a_refusal_the_desk_did_not_write_or_a_server_error_is_told_and_the_line
     assert page.locator("#message").inner_text() == "Not saved (HTTP 413): request body over 1000000 bytes."
     assert page.locator(f"#line-{passing} .reply-text").inner_text() == before  # the line is still there
     assert "{" not in page.locator(f"#line-{passing}").inner_text()
+    line.locator("textarea").fill(before or "")  # the edit given up: another change may be sent
 
     # A server error, then no answer at all (the browser's network, cut here for the one route).
     label = f"**/desk/lines/{passing}/label"
@@ -402,6 +408,17 @@ def test_an_edit_typed_and_not_saved_is_not_lost_to_another_change_of_its_line(b
     page.locator(f"#approve-{first}").click()
     page.locator(f"#line-{first} .saved").wait_for()
     assert _changes(first) == changes + 1 and _reply(first) == "Evening."
+    # review: after Save the edit, the line drawn again with its box closed, focus fell to the page's
+    # top; it is on the box's summary, where the writer was
+    line.locator("summary").click()
+    line.locator("textarea").fill(typed)
+    line.get_by_role("button", name=f"Save the edit of line #{_custom_id(first)}").click()  # named for it
+    page.locator(f"#line-{first} .saved").wait_for()
+    page.wait_for_function(
+        f"document.activeElement.closest('#line-{first}') !== null"
+        " && document.activeElement.tagName === 'SUMMARY'",
+        timeout=5000,
+    )
 
 
 def test_keys_without_the_scope_or_of_another_tenant_see_nothing(browser, base_url, desk_run) -> None:

@@ -92,7 +92,11 @@
     config.mlchatFocus = null;
     var again = document.getElementById(id);
     var active = document.activeElement;
-    if (again && !again.disabled && (!active || active === document.body)) again.focus();
+    if (!again || again.disabled || (active && active !== document.body)) return;
+    // A control inside a closed box (the edit's Save, the box closed as the line is drawn again)
+    // cannot take focus: the box's summary does, not the page's top (review).
+    var closed = again.closest("details:not([open])");
+    (closed ? closed.querySelector("summary") : again).focus();
   });
 
   // Another change of a line (approve, reject, keep a candidate) while its edit box holds text not
