@@ -99,7 +99,8 @@ def erase_player(
     the tenant does not hold is no error, so a retry goes through). PlayerBusy while any of it is
     in flight; nothing is deleted then. Locks: the conversations' memory jobs, the conversations (an
     enqueue into one waits for the erasure and then finds it gone, db/world.py find_conversations;
-    a turn stored before is seen here), their turns, then facts; any wait past LOCK_TIMEOUT_MS
+    a turn stored before is seen here), their turns, their runs (shared: a batch file being written
+    from them holds the erasure off), then facts; any wait past LOCK_TIMEOUT_MS
     raises (LockNotAvailable) and the caller runs it again. `kept_for`: conversations that keep the
     lines of named ones (an inline request's history, copied into the conversation it answered in),
     erased with them unless recorded as another player's (then left, never refused)."""

@@ -70,7 +70,8 @@ def erase(tenant: str, player: str, conversations: Sequence[str] = ()) -> Erased
         if _lock_timed_out(exc) or rolled_back_for_a_conflict(exc):  # at every try
             raise ErasureContended(
                 "other writers held the player's rows throughout (a reply being stored, a "
-                "writer's edit); nothing was erased: try again"
+                "writer's edit, a batch's output file being written from its lines); nothing was "
+                "erased: try again"
             ) from exc
         raise
     # No player id in its own log line: the record of an erasure should not keep what it erased.

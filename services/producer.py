@@ -658,7 +658,7 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: da
             return
         # The call answers 503: a client retrying without keys would store the sent ones again, and
         # both copies would be answered. Those not taken by a worker yet fail with the rest.
-        sent_failed = _fail_unkeyed_sent(went, sent_at)
+        sent_failed = _fail_unkeyed_sent(went, sent_at, what)
         failed_too = set(sent_failed)
         kept = [i for ids in fresh.values() for i in ids if i in went and i not in failed_too]  # call's order
         shown = ", ".join(str(i) for i in kept[:10]) + (", ..." if len(kept) > 10 else "")
@@ -678,14 +678,17 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: da
 _REPLAY_FAILURES: tuple[type[Exception], ...] = (EnqueueError, *DATABASE_OUTAGES)
 
 
-def _fail_unkeyed_sent(sent: Collection[uuid.UUID], sent_at: datetime | None) -> list[uuid.UUID]:
+def _fail_unkeyed_sent(
+    sent: Collection[uuid.UUID], sent_at: datetime | None, what: str = "broker unreachable at enqueue"
+) -> list[uuid.UUID]:
     """Fail the call's unkeyed turns whose message went, not taken by a worker yet: the call answers
-    503, and a client retrying without keys would store them again, both copies answered."""
+    503, and a client retrying without keys would store them again, both copies answered. `what`:
+    the broker's failure, as the call's other turns were failed for it."""
     with session_scope() as session:
         return fail_unsent(
             session=session,
             turn_ids=list(sent),
-            reason="broker unreachable at enqueue (for the call's other turns)",
+            reason=f"{what} (for the call's other turns)",
             sent_at=sent_at,
             unkeyed_only=True,
         )

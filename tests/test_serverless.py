@@ -508,3 +508,38 @@ def test_an_answer_asks_for_a_resend_only_of_turns_a_resend_would_answer(world) 
     assert said["retry"] is True and "(adapter a@v1 unavailable)" in said["error"]
     assert said["error"].endswith("`done` in `turns`: leave them out)")
     assert "leave them out" not in _not_all_answered([views[left]])["error"]
+
+
+def test_a_one_turn_event_whose_turn_failed_for_good_answers_a_top_level_error(world, monkeypatch) -> None:
+    """Found in the review of the original shape's fix: the native one-turn event answered a failed
+    turn (prompt_too_long, say) as `{"turns": [{"status": "failed", …}]}` alone: RunPod fails a job on
+    a top-level error only, so it read COMPLETED. An event of several turns keeps each failure in its
+    own turn, its answered ones with it."""
+    from sqlalchemy import update
+
+    import worker.inline
+    from db.models import Turn, TurnStatus
+    from db.session import session_scope
+    from services.producer import get_turn
+
+    def failed_for_good(ids):  # type: ignore[no-untyped-def]
+        with session_scope() as s:
+            s.execute(
+                update(Turn)
+                .where(Turn.id.in_(ids))
+                .values(
+                    status=TurnStatus.FAILED, error="the prompt is too long", error_code="prompt_too_long"
+                )
+            )
+        return [get_turn(turn_id) for turn_id in ids]
+
+    monkeypatch.setattr(worker.inline, "answer_stored", failed_for_good)
+    ok = new_conversation() | {"message": "Hello"}
+    one = handler({"input": ok})
+    assert (one["error"], one["error_code"], one["turns"][0]["status"]) == (
+        "the prompt is too long",
+        "prompt_too_long",
+        "failed",
+    )
+    several = handler({"input": {"turns": [ok, new_conversation() | {"message": "Hi"}]}})
+    assert "error" not in several and [t["status"] for t in several["turns"]] == ["failed", "failed"]

@@ -507,7 +507,7 @@ class EngineLoop:
         if self._alone:
             return
         shielding = self._shielding()  # once a pass: a hold that lapses lets this whole pass in
-        while self._room_for_bulk(shielding):
+        while self._room_for_bulk(shielding) or (self._base_model_first() and self._room_for_bulk(shielding)):
             self._admit(self._held[0], self._held)
 
     def _alone_inside(self) -> bool:
@@ -521,6 +521,21 @@ class EngineLoop:
             return False
         waiting = sum(self._unstarted.values())
         return not waiting or waiting + len(self._held[0].token_ids) <= self.prefill_budget
+
+    def _base_model_first(self) -> bool:
+        """While the first held bulk request waits for an adapter slot, the first base-model request
+        behind it goes before it (it takes no slot): the waiting adapter no longer held every bulk
+        request back (review: the engine drained each time a new adapter came first). True when one
+        was moved."""
+        if not self._held or not self._last_adapter_slot(self._held[0]):
+            return False
+        with self._cond:
+            base = next((job for job in self._held if job.lora is None), None)
+            if base is None:
+                return False
+            self._held.remove(base)
+            self._held.appendleft(base)
+        return True
 
     def _last_adapter_slot(self, job: _Job) -> bool:
         """Whether a bulk request would take the engine's last adapter slot: vLLM schedules no waiting

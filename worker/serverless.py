@@ -94,7 +94,18 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
         if any(turn["status"] == "done" for turn in answer["turns"]):
             answer["error"] += ANSWERED_ALREADY
         return answer
-    return {"turns": _shown(views)} | _not_all_answered(views)
+    answer = {"turns": _shown(views)} | _not_all_answered(views)
+    return answer if many else answer | _failed_for_good(views, answer)
+
+
+def _failed_for_good(views: list[Any], answer: dict[str, Any]) -> dict[str, Any]:
+    """A one-turn event's turn failed for good (prompt_too_long, say): a top-level error and its
+    code, as RunPod fails a job on a top-level error alone (review: the job read COMPLETED with no
+    reply); {} otherwise, or when the answer says an error already. An event of several turns
+    keeps its answered ones: each failure is in its own turn."""
+    if len(views) != 1 or views[0].status.value != "failed" or "error" in answer:
+        return {}
+    return {"error": views[0].error, "error_code": views[0].error_code}
 
 
 def _not_all_answered(views: list[Any]) -> dict[str, Any]:
@@ -193,11 +204,7 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
         if len(views) != 1:  # the turn was removed before it could be read back
             return {"error": "the turn ran but could not be read back; send the request again"}
         answer = chat_response(views[0], stored) | _not_all_answered(views)
-        if views[0].status.value == "failed" and "error" not in answer:
-            # Failed for good (prompt_too_long, say): a top-level error, as RunPod fails a job on one
-            # alone, and as the original raised (review: the job read COMPLETED with a null reply).
-            answer |= {"error": views[0].error, "error_code": views[0].error_code}
-        return answer
+        return answer | _failed_for_good(views, answer)  # as the original raised
     # Another's story switch, a re-embed's swap, an erasure between the history's reads: nothing stored.
     except (StoryBusy, SpaceMoved, HistoryMoved) as exc:
         return {"error": str(exc), "retry": True}

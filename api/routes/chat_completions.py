@@ -134,13 +134,18 @@ async def _answer(turn: ChatTurn, who: Caller) -> JSONResponse | EventSourceResp
     return JSONResponse(live_chat.completion(turn, view))
 
 
+# Printable ASCII but `%` goes as it is (a name the game sent in the request header comes back the
+# same, to be sent again); the rest is percent-encoded UTF-8.
+_AS_SENT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
 def _named_by(
     turn: ChatTurn, response: JSONResponse | EventSourceResponse
 ) -> JSONResponse | EventSourceResponse:
     """The answer, with its conversation's name in a header (review: a request naming none was
     answered in a `chat-…` conversation the game was never told of, which no erasure could name).
     Percent-encoded UTF-8: a header is Latin-1, and a game's names are any text."""
-    response.headers[live_chat.CONVERSATION_HEADER] = quote(turn.conversation, safe="")
+    response.headers[live_chat.CONVERSATION_HEADER] = quote(turn.conversation, safe=_AS_SENT)
     return response
 
 

@@ -60,7 +60,7 @@ _PROBE_KEY = f"mlchat:healthz:{socket.gethostname()}:{os.getpid()}"
 def _broker_state() -> str:
     """ok, read-only (a replica after a failover: every publish would fail), full (at its maxmemory
     under noeviction, as README advises: it answers a ping and refuses every write) or down."""
-    from redis.exceptions import OutOfMemoryError, ResponseError
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
     from tasks.queues import probe_connection
 
@@ -82,6 +82,8 @@ def _broker_state() -> str:
             except OutOfMemoryError:
                 logger.warning("health: the broker is full (maxmemory): it refuses every write")
                 return "full"
+            except ReadOnlyError:  # a replica that does not allow ROLE either
+                return "read-only"
             return "ok"
     except Exception:
         logger.warning("health: the broker does not answer", exc_info=True)

@@ -7,7 +7,9 @@ retraining in place never changes what a running worker serves; the worker loads
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import time
@@ -245,6 +247,7 @@ def register(
         serving = served_to(target, tenant=tenant, every_tenant=every_tenant, shown=adapter_dir)
         on = served_on(target, model=model, shown=adapter_dir)
         with session_scope() as session:
+            superseded = registered_adapter_path(session=session, slug=slug)
             version = register_adapter(session=session, slug=slug, path=str(target), tenant=serving, model=on)
     except BaseException:  # refused, a full disk, the database away: no copy left behind
         if not _registered_at(slug, target):
@@ -253,7 +256,17 @@ def register(
     if version is None:  # removed meanwhile
         shutil.rmtree(target, ignore_errors=True)
         raise CharacterNotFound(f"no character {slug!r}")
+    _superseded_now(superseded)
     return Registered(slug, version, target, serving, on)
+
+
+def _superseded_now(path: str | None) -> None:
+    """Stamp a copy no registration names any more with this moment: the sweep removes it a day on
+    (remove_superseded counts from its folder's time; review: a copy made ten days before went at the
+    next sweep, under a worker still answering a turn claimed with it)."""
+    if path is not None:
+        with contextlib.suppress(OSError):  # on another host's mount, or gone: nothing to keep
+            os.utime(path)
 
 
 # A copy no registration names is removed by the sweep a day after it was made: a worker answering a
@@ -290,8 +303,12 @@ def remove_superseded() -> int:
 def unregister(slug: str) -> int | None:
     """Take the character's adapter off: its turns are answered by the base model from the next claim.
     The version taken off, or None if it had none; CharacterNotFound for an unknown character. The
-    copy stays on disk: a worker answering a turn claimed before may still load it."""
+    copy stays on disk a day (the sweep removes it then): a worker answering a turn claimed before
+    may still load it."""
     if not character_exists(slug):
         raise CharacterNotFound(f"no character {slug!r}")
     with session_scope() as session:
-        return unregister_adapter(session=session, slug=slug)
+        superseded = registered_adapter_path(session=session, slug=slug)
+        version = unregister_adapter(session=session, slug=slug)
+    _superseded_now(superseded if version is not None else None)
+    return version
