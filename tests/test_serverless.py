@@ -515,23 +515,8 @@ def test_a_one_turn_event_whose_turn_failed_for_good_answers_a_top_level_error(w
     turn (prompt_too_long, say) as `{"turns": [{"status": "failed", …}]}` alone: RunPod fails a job on
     a top-level error only, so it read COMPLETED. An event of several turns keeps each failure in its
     own turn, its answered ones with it."""
-    from sqlalchemy import update
-
     import worker.inline
-    from db.models import Turn, TurnStatus
-    from db.session import session_scope
-    from services.producer import get_turn
-
-    def failed_for_good(ids):  # type: ignore[no-untyped-def]
-        with session_scope() as s:
-            s.execute(
-                update(Turn)
-                .where(Turn.id.in_(ids))
-                .values(
-                    status=TurnStatus.FAILED, error="the prompt is too long", error_code="prompt_too_long"
-                )
-            )
-        return [get_turn(turn_id) for turn_id in ids]
+    from tests.conftest import failed_for_good
 
     monkeypatch.setattr(worker.inline, "answer_stored", failed_for_good)
     ok = new_conversation() | {"message": "Hello"}
