@@ -316,6 +316,8 @@ def a_redis_of_its_own(folder: Path, *options: str) -> Iterator[Any]:
                 client.ping()
                 break
             except redis.ConnectionError:
+                # exited (its port taken since it was picked): never another suite's Redis
+                assert server.poll() is None, "the test's own Redis exited"
                 assert time.monotonic() < deadline, "the test's own Redis did not start"
                 time.sleep(0.05)
         yield client

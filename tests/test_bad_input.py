@@ -624,6 +624,14 @@ def test_health_says_a_read_only_database_or_broker_takes_no_traffic(base_url, m
         r = httpx.get(f"{base_url}/healthz")
         assert r.status_code == 503 and r.json()["broker"] == "read-only", r.text
     monkeypatch.undo()
+    # review of that: an ACL user kept to the service's keys may not write the probe's key: it answers
+    with a_redis_of_its_own(tmp_path) as kept:
+        kept.execute_command("ACL", "SETUSER", "mlchat", "on", ">pw", "~_kombu*", "~unacked*", "+@all")
+        url = f"redis://mlchat:pw@127.0.0.1:{kept.connection_pool.connection_kwargs['port']}/0"
+        monkeypatch.setattr(queues, "probe_connection", partial(queues.probe_connection, url))
+        r = httpx.get(f"{base_url}/healthz")
+        assert r.status_code == 200 and r.json()["broker"] == "ok", r.text
+    monkeypatch.undo()
     assert httpx.get(f"{base_url}/healthz").status_code == 200
 
 

@@ -277,11 +277,16 @@ def test_every_answer_names_its_conversation_so_a_stateless_one_can_be_erased(ba
     _cancel(_turns_of(own))
     assert unquote(r.headers[live_chat.CONVERSATION_HEADER]) == own
     # review: an ASCII name comes back as sent, to be sent again in the request header as it is
-    ascii_name = f"steam:7656/npc guard-{uuid.uuid4().hex[:6]}"
+    ascii_name = f"steam:7656/npc-guard-{uuid.uuid4().hex[:6]}"
     headers = OWNER | {live_chat.CONVERSATION_HEADER: ascii_name}
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers)
     _cancel(_turns_of(ascii_name))
     assert r.headers[live_chat.CONVERSATION_HEADER] == ascii_name
+    # review of that: a name ending in a space, sent as its header, dropped the connection (h11)
+    spaced = f"guard {uuid.uuid4().hex[:6]} "
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body | {"user": spaced}, headers=OWNER)
+    _cancel(_turns_of(spaced))
+    assert r.status_code == 504 and unquote(r.headers[live_chat.CONVERSATION_HEADER]) == spaced, r.text
     with httpx.stream(
         "POST", f"{base_url}/v1/chat/completions", json=body | {"stream": True}, headers=OWNER
     ) as s:

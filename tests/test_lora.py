@@ -469,10 +469,11 @@ def test_weights_saved_over_an_earlier_adapter_never_stand_beside_its_training_r
 
 @pytest.mark.worker_processes
 def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_engine_call(
-    world, tokenizer, tmp_path, steady_worker
+    world, tokenizer, tmp_path, steady_worker, monkeypatch
 ) -> None:
     """The session's steady worker process, started with MLCHAT_ENABLE_LORA: its engine has LoRA slots,
     which the session's in-process engine has not."""
+    from core.settings import settings
     from services.lora.registry import register
     from services.producer import wait_for_reply
     from tasks.generate import dispatch
@@ -486,6 +487,11 @@ def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_eng
         tmp_path / "adapter",
         TrainConfig(rank=4, alpha=8, max_steps=2, batch_size=2, threads=1, evaluate=False),
     )
+    # The steady worker serves the same weights under a model name of its own (its own queue); an
+    # adapter answers the turns of the model it was trained on alone: its record names that one.
+    record_path = tmp_path / "adapter" / "training_config.json"
+    record_path.write_text(json.dumps(json.loads(record_path.read_text()) | {"model": wp.QUEUE_MODEL}))
+    monkeypatch.setattr(settings, "served_models", [settings.model, wp.QUEUE_MODEL])
     registered = register(SLUG, tmp_path / "adapter")
     requests = [
         {

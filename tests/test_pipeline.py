@@ -929,10 +929,15 @@ def test_a_database_outage_is_one_line_a_while_not_a_traceback_a_batch(monkeypat
     def away(turn_ids, **kwargs):  # type: ignore[no-untyped-def]
         raise OperationalError("SELECT", {}, Refused("connection refused"))
 
-    patch_on_this_thread(monkeypatch, pipeline, "process_batch", away)
+    def no_connection_in_time(turn_ids, **kwargs):  # type: ignore[no-untyped-def]
+        from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+        raise PoolTimeout("QueuePool limit of size 10 overflow 0 reached")
+
     monkeypatch.setattr(generate, "_DATABASE_AWAY_SAID", NowAndThen(30.0), raising=False)  # said afresh
     caplog.set_level(logging.WARNING, logger="tasks.generate")
-    for _ in range(5):
+    for outage in (away, no_connection_in_time) * 3:  # review: the pool's timeout was a traceback each
+        patch_on_this_thread(monkeypatch, pipeline, "process_batch", outage)
         assert isinstance(generate._answer_chunk([(uuid.uuid4(), "live")]), generate.ChunkRaised)
     said = [r for r in caplog.records if r.name == "tasks.generate"]
     assert len(said) == 1 and said[0].exc_info is None, [r.getMessage() for r in said]

@@ -36,6 +36,7 @@ from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.scenes import NewStep, pop_new_steps
 from db.session import (
+    DATABASE_AWAY,
     again_on_conflict,
     again_while_away,
     connection_lost,
@@ -357,7 +358,9 @@ def _best_effort_hand_back(
             stop=_ShuttingDown(),
         )
     except Exception as exc:
-        away = database_away(exc)
+        away = database_away(exc) or (
+            f"{DATABASE_AWAY}: no connection in time" if connection_lost(exc) else None
+        )
         if away is None:
             logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
         elif (times := _HAND_BACK_AWAY_SAID.due()) is not None:  # an outage: one line a while
@@ -421,7 +424,8 @@ def _hand_back_dead(
     )
     if outcome is None:
         # Those a group's write ended (stored, or failed and announced) are settled already.
-        stored = set(report.done) | report.failed_written
+        # And those it found another's (lost): counted once, as lost (review).
+        stored = set(report.done) | report.failed_written | set(report.lost)
         report.unsettled = [t.id for t in turns if t.id not in stored]
         # Not announced as failed or retried (their outcome may never have been written); a retry
         # that waits (an adapter looked at again later) keeps its wait.

@@ -134,9 +134,10 @@ async def _answer(turn: ChatTurn, who: Caller) -> JSONResponse | EventSourceResp
     return JSONResponse(live_chat.completion(turn, view))
 
 
-# Printable ASCII but `%` goes as it is (a name the game sent in the request header comes back the
-# same, to be sent again); the rest is percent-encoded UTF-8.
-_AS_SENT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+# Printable ASCII goes as it is (a name the game sent in the request header comes back the same, to
+# be sent again), but `%` and the space (h11 refuses a header value that starts or ends with one, and
+# drops the connection: review); the rest is percent-encoded UTF-8.
+_AS_SENT = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 
 
 def _named_by(

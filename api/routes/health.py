@@ -14,6 +14,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from core.now_and_then import NowAndThen
+
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 # Threads of their own, one a check: a probe never waits for the request threads, all of which slow
@@ -55,12 +57,13 @@ def _database_state() -> dict[str, str]:
 
 
 _PROBE_KEY = f"mlchat:healthz:{socket.gethostname()}:{os.getpid()}"
+_WRITE_REFUSED = NowAndThen(3600.0)
 
 
 def _broker_state() -> str:
     """ok, read-only (a replica after a failover: every publish would fail), full (at its maxmemory
     under noeviction, as README advises: it answers a ping and refuses every write) or down."""
-    from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+    from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, ResponseError
 
     from tasks.queues import probe_connection
 
@@ -83,6 +86,15 @@ def _broker_state() -> str:
                 logger.warning("health: the broker is full (maxmemory): it refuses every write")
                 return "full"
             except ReadOnlyError:  # a replica that does not allow ROLE either
+                return "read-only"
+            except NoPermissionError:  # an ACL user kept to the service's keys: the ping is all
+                if _WRITE_REFUSED.due() is not None:
+                    logger.warning(
+                        "health: the broker's user may not write %s: its writes go unchecked", _PROBE_KEY
+                    )
+                return "ok"
+            except ResponseError as exc:  # it answers and refuses the write (MISCONF: its disk)
+                logger.warning("health: the broker refuses writes: %s", str(exc)[:200])
                 return "read-only"
             return "ok"
     except Exception:

@@ -269,7 +269,8 @@ def _superseded_now(path: str | None) -> None:
             os.utime(path)
 
 
-# A copy no registration names is removed by the sweep a day after it was made: a worker answering a
+# A copy no registration names is removed by the sweep a day after it was superseded (its folder is
+# stamped then; one a failed registration left, a day after it was made): a worker answering a
 # turn claimed before its character's adapter changed may still load it meanwhile (and one that cannot
 # any more retries the turn, which its next claim answers with the adapter registered then).
 SUPERSEDED_AFTER_S = 24 * 3600
@@ -278,7 +279,8 @@ _COPY_NAME = re.compile(r"[0-9a-f]{32}")  # register's copies: uuid4().hex
 
 def remove_superseded() -> int:
     """Remove the copies under MLCHAT_ADAPTERS_DIR that no character's registration names (a
-    registration since, an unregister, a registration that failed) once a day old; how many went.
+    registration since, an unregister, a registration that failed) a day after its folder's time (the
+    moment it was superseded: _superseded_now); how many went.
     Matched by the copy's own folder name, which no other registration has: a host that mounts the
     folder elsewhere never removes a registered copy."""
     root = adapters_dir()
