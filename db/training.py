@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, literal, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, func, literal, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from db.models import Character, Conversation, Turn, TurnReview, TurnReviewChange, TurnStatus
 from db.session import given_or_own
@@ -111,6 +111,7 @@ def writers_refused(*, session: Session, slug: str, tenant: str) -> Refused:
     # A text rejected once stays refused after the line moved on (an edit or a pick clears the label,
     # and a reply picked, rejected and replaced by another pick was nowhere else): unless it is the
     # line's reply now, approved (a writer changed their mind on that very text).
+    cleared = aliased(TurnReviewChange)
     ever_rejected = _of_character(
         select(_digest_sql(Turn.prompt, TurnReviewChange.before))
         .select_from(Turn)
@@ -123,6 +124,13 @@ def writers_refused(*, session: Session, slug: str, tenant: str) -> Refused:
         TurnReviewChange.before.is_not(None),
         # NULL-safe: a line picked or edited back to the rejected text has no label (NOT of NULL dropped it)
         ~and_(TurnReview.label.is_not_distinct_from("approved"), Turn.reply == TurnReviewChange.before),
+        # a rejection a writer cleared later (Clear the verdict on that text) was given by mistake
+        ~exists().where(
+            cleared.turn_id == TurnReviewChange.turn_id,
+            cleared.action == "clear",
+            cleared.before == TurnReviewChange.before,
+            cleared.id > TurnReviewChange.id,
+        ),
     )
     refused.rejected.update(session.scalars(ever_rejected))
     return refused

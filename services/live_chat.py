@@ -54,6 +54,15 @@ class ChatRejected(ValueError):
         self.code = code
 
 
+class ChatNotSent(producer.EnqueueError):
+    """The chat turn was stored (its conversation too) and could not be sent: a 503, naming the
+    conversation all the same, which a player's erasure must name to reach it."""
+
+    def __init__(self, message: str, conversation: str) -> None:
+        super().__init__(message)
+        self.conversation = conversation
+
+
 @dataclass(frozen=True)
 class ChatTurn:
     """The queued turn behind one chat completion."""
@@ -207,7 +216,10 @@ def start_chat_turn(
         raise ChatRejected("; ".join(f"{origin(e.field)}: {e.reason}" for e in exc.errors)) from None
     except IdempotencyConflict as exc:
         raise ChatRejected(f"Idempotency-Key (header): {exc}", status=409) from None
-    producer.send_stored([stored], lane="live")
+    try:
+        producer.send_stored([stored], lane="live")
+    except producer.EnqueueError as exc:  # stored and failed unsent: the game is told where (review)
+        raise ChatNotSent(str(exc), conversation) from exc
     whole = (request.params.response_format or {}).get("type") == "npc"
     return ChatTurn(
         stored.id,

@@ -277,7 +277,7 @@ def test_every_answer_names_its_conversation_so_a_stateless_one_can_be_erased(ba
     _cancel(_turns_of(own))
     assert unquote(r.headers[live_chat.CONVERSATION_HEADER]) == own
     # review: an ASCII name comes back as sent, to be sent again in the request header as it is
-    ascii_name = f"steam:7656/npc-guard-{uuid.uuid4().hex[:6]}"
+    ascii_name = f"steam:7656/npc guard-{uuid.uuid4().hex[:6]}"  # an inner space too (review)
     headers = OWNER | {live_chat.CONVERSATION_HEADER: ascii_name}
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers)
     _cancel(_turns_of(ascii_name))
@@ -287,12 +287,38 @@ def test_every_answer_names_its_conversation_so_a_stateless_one_can_be_erased(ba
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body | {"user": spaced}, headers=OWNER)
     _cancel(_turns_of(spaced))
     assert r.status_code == 504 and unquote(r.headers[live_chat.CONVERSATION_HEADER]) == spaced, r.text
+    assert r.headers[live_chat.CONVERSATION_HEADER].endswith("%20")
     with httpx.stream(
         "POST", f"{base_url}/v1/chat/completions", json=body | {"stream": True}, headers=OWNER
     ) as s:
         streamed = unquote(s.headers[live_chat.CONVERSATION_HEADER])
     _cancel(_turns_of(streamed))
     assert streamed.startswith("chat-") and streamed != named
+
+
+def test_a_chat_turn_stored_and_not_sent_is_a_503_naming_its_conversation(base_url, monkeypatch) -> None:
+    """Found in the stop's reread: the broker away (or full), a stateless request's turn and its new
+    `chat-<id>` conversation (the transcript in it) were stored and failed unsent, and the 503 named
+    no conversation: no erasure could reach it, and each retry made another."""
+    from services import producer as producer_module
+
+    marker = f"not-sent-{uuid.uuid4().hex[:8]}"
+    real = producer_module.send_stored
+
+    def the_broker_away(stored, *, lane):  # type: ignore[no-untyped-def]
+        with session_scope() as session:  # this test's turn alone: other tests' sends go on
+            messages = session.scalars(select(Turn.message).where(Turn.id.in_([t.id for t in stored]))).all()
+        if marker in messages:
+            raise producer_module.EnqueueError("could not reach the broker; 1 turn(s) marked failed")
+        return real(stored, lane=lane)
+
+    monkeypatch.setattr(producer_module, "send_stored", the_broker_away)
+    body = {"model": "elara", "messages": [{"role": "user", "content": marker}]}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=OWNER)
+    assert r.status_code == 503 and r.headers.get("Retry-After"), r.text
+    named = r.headers[live_chat.CONVERSATION_HEADER]
+    assert named.startswith("chat-") and len(_turns_of(named)) == 1
+    assert "could not reach the broker" in r.json()["error"]["message"]
 
 
 def test_metadata_character_names_the_character_when_model_does_not(base_url, short_wait) -> None:

@@ -2156,3 +2156,24 @@ def test_a_verdict_given_by_mistake_is_cleared_and_leaves_the_training_labels(
         assert first not in {label.turn_id for label in writer_labels(session=s, run_id=run_id)}
     with pytest.raises(DeskError, match="verdict: must be approve, reject or clear"):
         desk.label(WRITER, first, "maybe", "", "2")
+    # review of the fix: a rejection cleared still kept the text out of every training set
+    from db.models import Character
+    from db.training import exchange_digest, writers_refused
+
+    with session_scope() as s:
+        turn = s.get_one(Turn, first)
+        mine = exchange_digest(turn.prompt or "", turn.reply or "")
+        slug = s.scalar(
+            select(Character.slug)
+            .join(Conversation, Conversation.character_id == Character.id)
+            .where(Conversation.id == turn.conversation_id)
+        )
+    desk.label(WRITER, first, "reject", "too curt", "2")
+
+    def refused() -> bool:
+        with session_scope() as s:
+            return mine in writers_refused(session=s, slug=slug, tenant="studio-a").rejected
+
+    assert refused()
+    desk.label(WRITER, first, "clear", "", "3")
+    assert not refused()

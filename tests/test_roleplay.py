@@ -198,7 +198,7 @@ def test_a_greedy_weak_reply_is_not_generated_again(monkeypatch) -> None:
         for name in weak
     ]
     patch_on_this_thread(monkeypatch, judge, "embed", lambda texts: [[0.0] for _ in texts])
-    monkeypatch.setattr(judge, "_judge", lambda *args: judged[2][3])  # the second as weak: a tie
+    patch_on_this_thread(monkeypatch, judge, "_judge", lambda *args: judged[2][3])  # the second: a tie
     requests = {turns[name].id: request for name, request in weak.items()}
     each = {turn.id: None for turn in turns.values()}
     out = judge.regenerate_weak(judged, requests, each, each, each)  # type: ignore[arg-type]

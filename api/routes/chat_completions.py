@@ -23,7 +23,7 @@ from core.settings import settings
 from db.models import TurnStatus
 from db.session import DATABASE_OUTAGES
 from services import live_chat
-from services.live_chat import ChatRejected, ChatTurn
+from services.live_chat import ChatNotSent, ChatRejected, ChatTurn
 from services.producer import TurnView
 from services.runs.openai_lines import failure_status, message_content
 from services.schemas import HeaderText
@@ -84,8 +84,10 @@ async def chat_completions(
         return _error(exc.status, str(exc), retry=exc.status != 409, code=exc.code)
     except GrammarBusy as exc:  # nothing stored: the client's own retry sends it again
         return _error(503, str(exc), "server_error", retry_after_s=RETRY_AFTER_S)
+    except ChatNotSent as exc:  # stored, failed unsent: its conversation named all the same
+        return _named(exc.conversation, _error(503, str(exc), "server_error", retry_after_s=RETRY_AFTER_S))
 
-    return _named_by(turn, await _answer(turn, who))
+    return _named(turn.conversation, await _answer(turn, who))
 
 
 async def _answer(turn: ChatTurn, who: Caller) -> JSONResponse | EventSourceResponse:
@@ -134,19 +136,25 @@ async def _answer(turn: ChatTurn, who: Caller) -> JSONResponse | EventSourceResp
     return JSONResponse(live_chat.completion(turn, view))
 
 
-# Printable ASCII goes as it is (a name the game sent in the request header comes back the same, to
-# be sent again), but `%` and the space (h11 refuses a header value that starts or ends with one, and
-# drops the connection: review); the rest is percent-encoded UTF-8.
-_AS_SENT = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+# Printable ASCII goes as it is (an ASCII name the game sent in the request header comes back the
+# same), but `%` and a space at either end (h11 refuses a header value that starts or ends with one,
+# dropping the connection: review); the rest is percent-encoded UTF-8.
+_AS_SENT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
-def _named_by(
-    turn: ChatTurn, response: JSONResponse | EventSourceResponse
+def _named(
+    conversation: str, response: JSONResponse | EventSourceResponse
 ) -> JSONResponse | EventSourceResponse:
     """The answer, with its conversation's name in a header (review: a request naming none was
     answered in a `chat-…` conversation the game was never told of, which no erasure could name).
-    Percent-encoded UTF-8: a header is Latin-1, and a game's names are any text."""
-    response.headers[live_chat.CONVERSATION_HEADER] = quote(turn.conversation, safe=_AS_SENT)
+    Percent-encoded UTF-8, a space at either end too (h11 refuses a header value with one): decode
+    it before sending it again or naming it in an erasure."""
+    value = quote(conversation, safe=_AS_SENT)
+    if value.startswith(" "):
+        value = "%20" + value[1:]
+    if value.endswith(" "):
+        value = value[:-1] + "%20"
+    response.headers[live_chat.CONVERSATION_HEADER] = value
     return response
 
 
