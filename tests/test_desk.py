@@ -2140,7 +2140,9 @@ def test_a_verdict_given_by_mistake_is_cleared_and_leaves_the_training_labels(
     from db.reviews import writer_labels
     from tests.conftest import REVIEW_KEY
 
-    run_id, (first, _) = build_run("studio-a", _lines())
+    # a reply of its own: a twin another test rejected would stay refused (an exchange's identity)
+    own = f"Morning, traveller {uuid.uuid4().hex[:8]}."
+    run_id, (first, _) = build_run("studio-a", [Spec("Good morning!", own, quality(0.40)), *_lines()[1:]])
     desk.label(WRITER, first, "approve", "", "0")
     client = _desk_client(base_url, REVIEW_KEY)
     try:
