@@ -327,7 +327,8 @@ def database_away(exc: BaseException) -> str | None:
     driver's text names a host or a socket, not DATABASE_URL; None otherwise."""
     lost = next((c for c in (exc, exc.__cause__) if isinstance(c, DBAPIError) and connection_lost(c)), None)
     if lost is None:
-        return None
+        # the pool's wait for a connection (no driver error to quote): an outage too
+        return f"{DATABASE_AWAY}: no connection in time" if isinstance(exc, PoolTimeout) else None
     why = str(lost.orig).strip().splitlines()[0][:300] if str(lost.orig).strip() else type(lost.orig).__name__
     return f"{DATABASE_AWAY}: {why}"
 

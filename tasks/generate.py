@@ -222,11 +222,9 @@ def _answer_chunk(chunk: list[Pending]) -> Any:
     except BaseException as exc:  # a native panic too: its turns come back each alone, as for any error
         if not fenced(exc):
             raise
-        from db.session import DATABASE_AWAY, connection_lost, database_away
+        from db.session import database_away
 
-        away = database_away(exc) or (
-            f"{DATABASE_AWAY}: no connection in time" if connection_lost(exc) else None
-        )
+        away = database_away(exc)
         if away is None:
             logger.exception(
                 "batch of %d turns failed; sent again in %.1f s: %s",

@@ -36,7 +36,6 @@ from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.scenes import NewStep, pop_new_steps
 from db.session import (
-    DATABASE_AWAY,
     again_on_conflict,
     again_while_away,
     connection_lost,
@@ -358,9 +357,7 @@ def _best_effort_hand_back(
             stop=_ShuttingDown(),
         )
     except Exception as exc:
-        away = database_away(exc) or (
-            f"{DATABASE_AWAY}: no connection in time" if connection_lost(exc) else None
-        )
+        away = database_away(exc)
         if away is None:
             logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
         elif (times := _HAND_BACK_AWAY_SAID.due()) is not None:  # an outage: one line a while
