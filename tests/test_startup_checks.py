@@ -170,8 +170,8 @@ def test_sigterm_in_a_command_goes_the_way_of_ctrl_c() -> None:
     code = (
         "import sys, time, db.runs, scripts.cli as cli\n"
         "def slow(**_):\n"
-        "    print('ready', flush=True)\n"
         "    try:\n"
+        "        print('ready', flush=True)\n"  # inside: a signal just after it still cleans up
         "        time.sleep(60)\n"
         "    finally:\n"
         "        print('cleaned up', flush=True)\n"
