@@ -421,6 +421,39 @@ def test_an_edit_typed_and_not_saved_is_not_lost_to_another_change_of_its_line(b
     )
 
 
+def test_leaving_a_page_with_an_edit_not_saved_asks_first_and_a_line_leads_back_to_its_page(
+    browser, base_url
+) -> None:
+    """Desk review: a link, a reload or a closed tab took an edit typed and not saved with it,
+    unasked; and a line page's back link led to the run's first page, not the one holding the line."""
+    specs = [Spec(f"Line {i}?", f"Answer {i}.", quality(0.5)) for i in range(52)]
+    run_id, ids = build_run("studio-a", specs, name=f"desk-leave-{uuid.uuid4().hex[:6]}")
+    last = ids[-1]  # past the first page's 50
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    page.goto(f"{base_url}/desk/lines/{last}")
+    page.get_by_role("link", name=re.compile("^← desk-leave-")).click()
+    page.locator(f"#line-{last}").wait_for()  # on the page that holds it
+    asked: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.type)
+        dialog.dismiss()  # stay on the page
+
+    page.on("dialog", answer)
+    line = page.locator(f"#line-{last}")
+    line.locator("summary").click()
+    line.locator("textarea").fill("Typed, not saved.")
+    page.close(run_before_unload=True)
+    page.wait_for_timeout(500)
+    assert asked == ["beforeunload"] and not page.is_closed()
+    assert line.locator("textarea").input_value() == "Typed, not saved."
+    line.locator("textarea").fill("Answer 51.")  # put back as it was: nothing to lose, nothing asked
+    with page.expect_event("close", timeout=5000):
+        page.close(run_before_unload=True)
+    assert page.is_closed() and asked == ["beforeunload"]
+    page.context.close()
+
+
 def test_keys_without_the_scope_or_of_another_tenant_see_nothing(browser, base_url, desk_run) -> None:
     page = _sign_in(browser, base_url, INGEST_KEY)
     assert "lacks the 'review' scope" in page.locator(".error-text").inner_text()

@@ -115,6 +115,18 @@
     show("Not sent: this line's edit is not saved. Save the edit, or put the reply back as it was, first.");
   });
 
+  // Leaving the page (a link, a reload, the tab closed) with an edit not saved: the browser asks
+  // first, as it does for any form (review: what was typed went unsaid).
+  window.addEventListener("beforeunload", function (event) {
+    var unsaved = Array.prototype.some.call(
+      document.querySelectorAll("textarea[name=reply]"),
+      function (box) { return box.value !== box.defaultValue; }
+    );
+    if (!unsaved) return;
+    event.preventDefault();
+    event.returnValue = "";
+  });
+
   function noAnswer(event) {
     if (!isChange(event.detail)) return;
     show("No answer came from the server. Reload the page to see what was saved, then try again.");
