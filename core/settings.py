@@ -154,12 +154,14 @@ class Settings(BaseSettings):
         env_prefix="MLCHAT_", env_file=ENV_FILE, extra="ignore", env_ignore_empty=True, allow_inf_nan=False
     )
 
-    # Services: unset means "start and use the embedded ones under state_dir".
+    # Services: unset means "start and use the embedded ones under state_dir". The MLCHAT_ name wins
+    # over the common one: a host process whose own DATABASE_URL is another database's (or another
+    # driver's) uses mlchat through the Python API with MLCHAT_DATABASE_URL (review).
     database_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("DATABASE_URL", "MLCHAT_DATABASE_URL")
+        default=None, validation_alias=AliasChoices("MLCHAT_DATABASE_URL", "DATABASE_URL")
     )
     redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("REDIS_URL", "MLCHAT_REDIS_URL")
+        default=None, validation_alias=AliasChoices("MLCHAT_REDIS_URL", "REDIS_URL")
     )
     state_dir: Path = PROJECT_ROOT / ".mlchat"
     # Embedded PostgreSQL only; size external servers yourself. A number and a unit (kB, MB, GB), as

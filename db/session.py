@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
@@ -278,6 +279,18 @@ def get_watch_engine() -> Engine:
             )
         )
     )
+
+
+def _forget_the_parents_connections() -> None:
+    """In a forked child (a game server's multiprocessing, gunicorn's preload after mlchat was used):
+    the pools drop the parent's connections without closing them, so parent and child never share a
+    socket, each reading the other's replies (review)."""
+    for made in (get_engine, get_autocommit_engine, get_lock_engine, get_watch_engine):
+        if made.cache_info().currsize:
+            made().dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_connections)
 
 
 @cache

@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -433,6 +434,16 @@ class TenantShares:
         self._freed = threading.Condition()
         self._make_pool = partial(ThreadPoolExecutor, max_workers=threads, thread_name_prefix=name)
         self._pool: ThreadPoolExecutor | None = None  # made at the first lookup
+        # A forked child (a game server's multiprocessing, gunicorn's preload) has the parent's pool
+        # without its threads: a lookup it queued was never run, and the call waited out its 10 s
+        # and failed (review). The child starts afresh.
+        os.register_at_fork(after_in_child=self._start_afresh)
+
+    def _start_afresh(self) -> None:
+        self._held = Counter()
+        self._waiting = Counter()
+        self._freed = threading.Condition()
+        self._pool = None
 
     def hold(self, tenant: str, wanted: int, wait_s: float = 0.0, *, left_at_least_s: float = 0.0) -> int:
         """Up to `wanted` threads for `tenant` within its share, waiting up to `wait_s` for one to

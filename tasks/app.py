@@ -18,7 +18,15 @@ _KEEPALIVE = {
     if hasattr(socket, name)
 }
 
-app = Celery("mlchat", broker=broker_url(), include=["tasks.generate", "tasks.callbacks", "tasks.memory"])
+# Not the thread's current app: a game backend enqueueing through the Python API keeps its own Celery
+# app's `shared_task`s (they were sent to mlchat's broker and queue and dropped there; review). A
+# worker makes it current itself when it starts.
+app = Celery(
+    "mlchat",
+    broker=broker_url(),
+    include=["tasks.generate", "tasks.callbacks", "tasks.memory"],
+    set_as_current=False,
+)
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],
