@@ -936,10 +936,17 @@ def load_settings() -> Settings:
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         raise SystemExit(f"mlchat: bad setting: {variable}: not valid JSON{cause}") from None
     except ValidationError as exc:
+        given = {k.upper() for k, v in {**dotenv, **os.environ}.items() if v}
         lines = []
         for error in exc.errors():
             msg = str(error["msg"]).removeprefix("Value error, ")
             name = str(error["loc"][0]) if error["loc"] else ""
+            if name in ("MLCHAT_DATABASE_URL", "MLCHAT_REDIS_URL"):  # pydantic names the first alias
+                common = name.removeprefix("MLCHAT_")
+                if name not in given:  # the common name's value was read: it is named
+                    name = common
+                elif msg.startswith(common):
+                    msg = name + msg.removeprefix(common)
             variable = name if name.isupper() else f"MLCHAT_{name.upper()}"
             inside = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"][1:])
             lines.append(msg if not name or variable in msg else f"{variable}{inside}: {msg}")

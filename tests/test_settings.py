@@ -328,6 +328,9 @@ def test_a_url_that_does_not_parse_never_quotes_its_password(tmp_path) -> None:
         ("DATABASE_URL", "postgresql://mlchat:Sunny@2024secret@db:5432/mlchat", "2024secret"),
         ("DATABASE_URL", "postgresql://mlchat:Sunny@2024/x@db:5432/mlchat", "2024"),  # review: the
         ("DATABASE_URL", "postgresql://mlchat:ab@cd?x@db:5432/mlchat", "cd?x"),  # rest as host, not @
+        # the MLCHAT_ names (which win over the common ones) are named as themselves
+        ("MLCHAT_DATABASE_URL", "postgresql://mlchat:Sunny@2024secret@db:5432/mlchat", "2024secret"),
+        ("MLCHAT_REDIS_URL", "redis://:Tr0ub4dor3xKq9/Z@redis:6379/0", "Tr0ub4dor"),
     ]:
         result = _import_settings_with(tmp_path, variable, bad)
         assert result.returncode != 0 and result.stderr.count("\n") == 1, (variable, result.stderr)
