@@ -182,6 +182,10 @@ class Settings(BaseSettings):
     model_path: str | None = None
     # Models producers may address (each has its own queue); empty means just `model`.
     served_models: list[str] = Field(default_factory=list)
+    # Other model names whose turns this worker answers (the same weights served under several
+    # names). A turn of any other model that reaches it (its queue added with Celery's add_consumer)
+    # is sent back to its own model's queue, never answered with these weights.
+    answers_for_models: list[str] = Field(default_factory=list)
     prompt_format: PromptFormat = "auto"
     max_model_len: int = Field(default=2048, ge=256)
     # "auto": the model's dtype on a GPU; on a CPU, bfloat16 only where the CPU computes it natively
@@ -561,6 +565,11 @@ class Settings(BaseSettings):
     @classmethod
     def _served_models_are_queue_safe(cls, value: list[str]) -> list[str]:
         return [_queue_safe(f"MLCHAT_SERVED_MODELS[{i}]", name) for i, name in enumerate(value)]
+
+    @field_validator("answers_for_models")
+    @classmethod
+    def _answered_models_are_queue_safe(cls, value: list[str]) -> list[str]:
+        return [_queue_safe(f"MLCHAT_ANSWERS_FOR_MODELS[{i}]", name) for i, name in enumerate(value)]
 
     @field_validator("embedded_pg_shared_buffers")
     @classmethod

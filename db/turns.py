@@ -25,7 +25,7 @@ turns and is never written from a read path.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -189,6 +189,8 @@ class ClaimResult:
     exhausted: list[uuid.UUID] = field(default_factory=list)  # failed now: no attempts left
     # Finished by the claim (failed or cancelled) and streamed: no worker writes their stream's end.
     streams_ended: list[uuid.UUID] = field(default_factory=list)
+    # Of another model than the claim's: stamped sent, for their own model's queue.
+    elsewhere: list[StalledTurn] = field(default_factory=list)
 
 
 def _seconds(value: float) -> Any:
@@ -412,8 +414,14 @@ def claim_turns(
     max_attempts: int,
     token: uuid.UUID | None = None,
     wait_limit_s: float | None = None,
+    models: Collection[str] | None = None,
 ) -> ClaimResult:
     """Take the batch's claimable turns under one claim token and a lease of `lease_s` seconds.
+
+    With `models` (the names the worker's weights answer), a claimable turn of another model is not
+    taken: it is stamped sent and reported in `elsewhere`, for its own model's queue (a worker given
+    another model's queue, by Celery's `add_consumer` say, answered that model's turns with its own
+    weights, stored under the model asked for; review).
 
     Claimable: queued, or running under a lease that has expired (its worker is presumed gone). A
     turn running under a live lease is another worker's: it is reported `held`, never generated
@@ -435,14 +443,22 @@ def claim_turns(
     )
     # Row locks in one order, skipping rows another claim or write holds right now: two workers
     # with the same turn ids (a duplicate message) never wait on each other or deadlock.
+    ours = Turn.model.in_(list(models)) if models is not None else true()
     candidates = list(
         session.scalars(
             select(Turn.id)
-            .where(Turn.id.in_(list(turn_ids)), claimable())
+            .where(Turn.id.in_(list(turn_ids)), claimable(), ours)
             .order_by(Turn.id)
             .with_for_update(skip_locked=True)
         ).all()
     )
+    if models is not None:
+        theirs = session.execute(
+            select(Turn.id, Turn.model, Turn.run_id).where(Turn.id.in_(list(turn_ids)), claimable(), ~ours)
+        ).all()
+        if theirs:
+            mark_dispatched(session=session, turn_ids=[t.id for t in theirs])
+            result.elsewhere = [StalledTurn(t.id, t.model, t.run_id) for t in theirs]
     # A stopped run's turn is cancelled first, at its attempt cap too (exported as its run's end, not
     # as a server error).
     stopped = _cancel_stopped(session, candidates)

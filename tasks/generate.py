@@ -269,7 +269,8 @@ def _record(
         # looks the same as an outage, and batched, its mates would share its fate (an outage's
         # recovery costs one round of one-turn batches).
         later = result.report.retry_in
-        again = [p for p in chunk if p[0] not in later]
+        home = {t.id for t in result.report.elsewhere}  # sent to their model's queue (_claimed_sends)
+        again = [p for p in chunk if p[0] not in later and p[0] not in home]
         outcome.resend.append(Resend(again, settings.batch_retry_delay, alone=True))
         outcome.resend += _after_waits(later, lane_of, alone=alone)
         outcome.claimed += _claimed_sends(result.report)
@@ -313,7 +314,21 @@ def _claimed_sends(report: Any) -> list[Resend]:
     for step in report.next_steps:
         steps.setdefault(step.model, []).append((step.turn_id, step.lane))
     sends = [Resend(turns, model=model, stamp=True) for model, turns in steps.items()]
-    return sends + _stalled_sends(report.stalled)
+    return sends + _stalled_sends(report.stalled) + _sent_home(report.elsewhere)
+
+
+# Another model's turns go back to their queue after a wait: where this worker consumes that queue
+# too (the queue added to it, with no worker of that model left), each would come straight back.
+HOME_AFTER_S = 30.0
+
+
+def _sent_home(elsewhere: list[Any]) -> list[Resend]:
+    """Turns of another model than this worker's (their claim stamped them sent), to their model's
+    queue."""
+    return [
+        Resend([(turn.id, "bulk" if turn.run_id is not None else "live")], HOME_AFTER_S, model=turn.model)
+        for turn in elsewhere
+    ]
 
 
 def _stalled_sends(stalled: list[Any]) -> list[Resend]:

@@ -1,5 +1,6 @@
 """End to end through the queue: producer → Redis → batched Celery worker (thread pool) → PostgreSQL."""
 
+import time
 import uuid
 
 import numpy as np
@@ -428,3 +429,46 @@ def test_messages_sent_for_later_do_not_stop_the_worker_taking_a_live_turn(celer
     time.sleep(2.0)  # the worker takes them in, and holds them until due
     (turn,) = enqueue_turns([new_conversation() | {"message": "Still there, innkeeper?"}])
     assert wait_for_reply(turn, timeout=40).status == TurnStatus.DONE
+
+
+def test_a_turn_of_another_model_on_this_workers_queue_goes_to_its_own_models_queue(
+    celery_worker, caplog
+) -> None:
+    """Flower review: a worker given another model's queue (Celery's `add_consumer`, Flower's "add
+    consumer", to rescue that model's backlog) answered its turns with its own weights, stored under
+    the model they asked for. Its claim leaves them; they go to their own model's queue."""
+    import logging
+
+    import redis
+    from sqlalchemy import update
+
+    from core.services import broker_url
+    from db.models import Turn
+    from tasks.generate import dispatch
+    from tasks.queues import queue_depth, queue_for_model
+
+    other = f"other-weights-{uuid.uuid4().hex[:6]}"
+    theirs, ours = enqueue_turns(
+        [new_conversation() | {"message": "Whose turn is this?"}, new_conversation() | {"message": "Mine?"}],
+        send=False,
+    )
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == theirs).values(model=other))
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+            dispatch([theirs], model=settings.model, lane="live")  # on this worker's own queue
+            dispatch([ours], model=settings.model, lane="live")
+            assert wait_for_reply(ours, timeout=240).status == TurnStatus.DONE
+            deadline = time.monotonic() + 60
+            while queue_depth(other, "live") == 0:  # sent home (after a wait, as its ETA says)
+                assert time.monotonic() < deadline, "never sent to its own model's queue"
+                time.sleep(0.2)
+        with session_scope() as s:
+            turn = s.get(Turn, theirs)
+            assert turn is not None
+            assert (turn.status, turn.attempts, turn.reply) == (TurnStatus.QUEUED, 0, None)
+            assert turn.dispatched_at is not None  # its send recorded: no sweep sends it twice
+        said = [r.getMessage() for r in caplog.records if r.name == "worker.pipeline"]
+        assert any(f"turns of {other} reached this worker of {settings.model}" in m for m in said), said
+    finally:
+        redis.Redis.from_url(broker_url()).delete(queue_for_model(other, "live"))

@@ -66,6 +66,9 @@ def start(name: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
     """Start a worker named `name@<host>` in its own process group (so its engine dies with it)."""
     full_env = os.environ | {
         "MLCHAT_MODEL": QUEUE_MODEL,
+        # Its queues are its own (QUEUE_MODEL's, or solo_model's), the turns it answers the session's
+        # model's: the same weights under another name.
+        "MLCHAT_ANSWERS_FOR_MODELS": json.dumps([settings.model]),
         "MLCHAT_MODEL_PATH": resolve_model_path(settings),
         "MLCHAT_METRICS_PORT": "0",
         "MLCHAT_LOG_LEVEL": "INFO",
@@ -120,8 +123,8 @@ def start_alone(name: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
 
 
 def solo_model(name: str) -> str:
-    """A model name of the worker `name`'s own, so its queues are its alone (the row's model is not
-    checked against the worker's, as for QUEUE_MODEL)."""
+    """A model name of the worker `name`'s own, so its queues are its alone (its turns' rows name the
+    session's model, which MLCHAT_ANSWERS_FOR_MODELS lets it answer, as for QUEUE_MODEL)."""
     return f"{QUEUE_MODEL}-{name}"
 
 

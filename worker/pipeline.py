@@ -100,6 +100,8 @@ class BatchReport:
     # Waits for an earlier turn of its conversation: {turn id: times deferred so far}.
     deferred: dict[uuid.UUID, int] = field(default_factory=dict)
     stalled: list[StalledTurn] = field(default_factory=list)  # such earlier turns nobody answers: send now
+    # Another model's turns (on a queue added to this worker): stamped sent, for their model's queue.
+    elsewhere: list[StalledTurn] = field(default_factory=list)
     held: dict[uuid.UUID, float] = field(default_factory=dict)  # another worker's: {id: lease seconds left}
     skipped: list[uuid.UUID] = field(default_factory=list)  # finished, cancelled or unknown already
     lost: list[uuid.UUID] = field(default_factory=list)  # answered, but the lease lapsed: not stored
@@ -172,6 +174,7 @@ def process_batch(
                 lease_s=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
                 wait_limit_s=settings.order_wait_limit_s,
+                models=[settings.model, *settings.answers_for_models],
             )
             # Before the commit: the claim stamped these sent, and if the commit's reply is lost (it
             # may have gone through) the batch's report must still send them, or nothing would for
@@ -191,6 +194,16 @@ def process_batch(
                 _claim_lost(claim_token, turn_ids, report)
             raise
     report.deferred, report.skipped, report.held = claim.deferred, claim.skipped, claim.held
+    report.elsewhere = claim.elsewhere
+    if claim.elsewhere and (times := _OTHER_MODELS_SAID.due()) is not None:  # one line a while
+        logger.warning(
+            "turns of %s reached this worker of %s (a queue of that model added to it?): sent to their"
+            " own model's queue, not answered with these weights (MLCHAT_ANSWERS_FOR_MODELS names the"
+            " models they answer); %d batch(es) held such turns since the last line",
+            ", ".join(sorted({t.model for t in claim.elsewhere})),
+            settings.model,
+            times,
+        )
     _end_streams(claim.streams_ended)  # committed: no worker writes these turns' stream ends
     report.failed.update(
         {t: Failure("no attempts left", TurnErrorCode.ATTEMPTS_EXHAUSTED) for t in claim.exhausted}
@@ -368,6 +381,7 @@ def _best_effort_hand_back(
 
 
 _HAND_BACK_AWAY_SAID = NowAndThen(30.0)
+_OTHER_MODELS_SAID = NowAndThen(60.0)
 
 
 HAND_BACK_FIRST_WAIT_S = 0.25
