@@ -930,12 +930,13 @@ def cancel_turn(turn_id: uuid.UUID | str) -> bool:
     a streamed one's stream ends now (no worker writes its end: readers would wait for a status check)."""
     with session_scope() as session:
         cancelled = cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))])
-    tell_cancelled(cancelled)
+    tell_ended(cancelled)
     return bool(cancelled)
 
 
-def tell_cancelled(turn_ids: Sequence[uuid.UUID]) -> None:
-    """After a cancel committed: the turns' streams end and their callbacks are sent."""
+def tell_ended(turn_ids: Sequence[uuid.UUID]) -> None:
+    """After turns were ended by no worker (a cancel, the sweep's failure of an unserved model's):
+    their streams end and their callbacks are sent."""
     from services.turn_callbacks import send_turn_callbacks
     from streaming.publisher import publisher
 

@@ -35,7 +35,7 @@ from db.world import adopt_empty_conversation, character_names, find_characters,
 from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
-from services.producer import EnqueueError, resend, send_new_turns, tell_cancelled
+from services.producer import EnqueueError, resend, send_new_turns, tell_ended
 from services.runs.scene_lines import scene_of
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def stop_group(conversation: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, 
                 cancelled = cancel_stopped_step(session=session, turn_id=queued, scene_id=scene_id, owed=owed)
         except StopOvertaken:  # a `:continue` since: it wins, its step stays
             cancelled = []
-        tell_cancelled(cancelled)
+        tell_ended(cancelled)
     return scene_view(conversation, tenant=tenant, tail=True)
 
 

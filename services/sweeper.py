@@ -51,6 +51,7 @@ from db.runs import (
 )
 from db.session import session_scope
 from db.turns import fail_unserved, lapsed_and_unsent, live_models_waiting, mark_dispatched, resend_lock
+from services.producer import tell_ended
 from services.runs.control import interrupted_message, stored_lines
 from tasks.generate import dispatch
 from tasks.queues import held_and_empty, oldest_waiting_turn_ids, queue_depth
@@ -292,6 +293,9 @@ def fail_unserved_live_turns() -> dict[str, int]:
                     session=session, model=model, older_than_s=limit_s, reason=reason, limit=UNSERVED_CHUNK
                 )
             failed[model] = failed.get(model, 0) + len(chunk)
+            # Their callbacks now, and their streams' ends: found as lost callbacks five minutes on,
+            # they came late (review), and readers waited for a status check.
+            tell_ended(chunk)
             if len(chunk) < UNSERVED_CHUNK:
                 break
         logger.warning("failed %d live turn(s) of model %s: %s", failed[model], model, reason)

@@ -115,12 +115,12 @@ def _in_a_slot(
         _send_back(task, owner, target, waits, since)
         return
     started = time.monotonic()
-    struggled = True
     try:
         deliver_one(uuid.UUID(target))
-        struggled = time.monotonic() - started > settings.callback_timeout_s / 2
     finally:
-        _release(tenant, struggled)
+        # Struggling is holding a slot long, answered or not: a receiver that refuses at once (a 410
+        # of a stale URL) holds none, and halved a lone tenant's slots for minutes (review).
+        _release(tenant, struggled=time.monotonic() - started > settings.callback_timeout_s / 2)
         _SLOTS.release()
 
 
@@ -139,7 +139,7 @@ def _tenant_of(owner: Owner, target: str) -> str | None:
         return session.scalar(select(owner.tenant).where(owner.id == uuid.UUID(target)))
 
 
-# A tenant one of whose deliveries failed or took over half its timeout is struggling for this
+# A tenant one of whose deliveries took over half its timeout (failed or not) is struggling for this
 # long after it, and the struggling tenants together hold at most all the slots but one: receivers
 # that never answer (10 s a try, 8 tries, then housekeeping's for a day), one tenant's or several's,
 # leave a slot to every other tenant's callbacks, while tenants whose receivers answer use every

@@ -31,11 +31,12 @@ SECRET = "callback-secret-for-tests"
 
 class _Receiver(BaseHTTPRequestHandler):
     calls: list[tuple[dict[str, str], bytes]] = []
+    status = 204  # what it answers
 
     def do_POST(self) -> None:  # noqa: N802
         body = self.rfile.read(int(self.headers["content-length"]))
         type(self).calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(204)
+        self.send_response(type(self).status)
         self.end_headers()
 
     def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
@@ -47,6 +48,7 @@ def receiver(monkeypatch) -> Iterator[int]:  # type: ignore[no-untyped-def]
     """A real HTTP server on loopback; its port. What it receives is in _Receiver.calls."""
     monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
     _Receiver.calls = []
+    _Receiver.status = 204
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -120,6 +122,24 @@ def test_a_delivery_keeps_the_host_header_of_the_url(services, receiver, monkeyp
     assert verify_signature(signed, body, tenant_secret(""), delivery=delivery)
     assert not verify_signature(signed, body, tenant_secret(""), delivery=str(uuid.uuid4()))
     assert not verify_signature(signed.split(",v2=")[0], body, tenant_secret(""), delivery=delivery)
+
+
+def test_a_receiver_answering_410_is_not_called_again(services, receiver, monkeypatch) -> None:
+    """Callbacks review: every non-2xx was retried alike, about thirty tries over a day; a receiver
+    had no way to say "stop". A 410 Gone is not tried again."""
+    monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
+    _Receiver.status = 410
+    run_id = _run_calling_back(f"http://127.0.0.1:{receiver}/hook")
+    assert deliver(run_id) is False  # not retried (a 503 raises CallbackFailed: retried)
+    assert len(_Receiver.calls) == 1
+    with session_scope() as s:
+        run = s.get_one(Run, run_id)
+        assert run.callback_attempts == 1 and run.callback_delivered_at is None
+        assert run.callback_retry_at is None and "gone; not tried again" in (run.callback_error or "")
+    _Receiver.status = 503
+    again = _run_calling_back(f"http://127.0.0.1:{receiver}/hook")
+    with pytest.raises(CallbackFailed, match="HTTP 503"):
+        deliver(again)
 
 
 def test_over_https_the_server_name_and_certificate_are_the_hosts(
@@ -518,7 +538,9 @@ def test_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeyp
     tenant's callbacks waited behind for hours. A tenant whose last delivery failed holds all the
     slots but one; one whose receivers answer uses them all (review: a lone tenant was halved).
     Then (review): the share was each struggling tenant's, so two of them took every slot; the
-    struggling tenants hold all the slots but one together."""
+    struggling tenants hold all the slots but one together. And (review): a refusal at once (a 410
+    of a stale URL) made its tenant struggle, halving a lone tenant's slots for minutes: struggling
+    is holding a slot over half the timeout."""
     from types import SimpleNamespace
 
     import tasks.callbacks as callback_tasks
@@ -531,6 +553,7 @@ def test_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeyp
     for name, fresh in (("_SLOT_COUNT", 2), ("_holding", {}), ("_struggling", {}), ("_waiting", {})):
         monkeypatch.setattr(callback_tasks, name, fresh, raising=False)  # (absent before the fix)
     monkeypatch.setattr(callback_tasks, "_hold", lambda owner, target: None)
+    monkeypatch.setattr(settings, "callback_timeout_s", 0.2)  # struggling: a try over 0.1 s
     sent_back: list[str] = []
     monkeypatch.setattr(callback_tasks, "_later", lambda task, waits, since: sent_back.append(task.target))
     answer = threading.Event()
@@ -542,8 +565,12 @@ def test_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeyp
         inside[tenant] = inside.get(tenant, 0) + 1
         assert answer.wait(30)
 
-    def refuses(target: uuid.UUID) -> None:
-        raise CallbackFailed("connection refused")
+    def refuses(target: uuid.UUID) -> None:  # at once
+        raise CallbackFailed("HTTP 410")
+
+    def times_out(target: uuid.UUID) -> None:  # a try past half its timeout
+        time.sleep(0.15)
+        raise CallbackFailed("timed out")
 
     failed: list[str] = []
     started: list[threading.Thread] = []
@@ -575,10 +602,13 @@ def test_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeyp
         for thread in patient:
             thread.join(timeout=30)
         assert sent_back == [] and not callback_tasks._struggling
-        # One whose last delivery failed holds all the slots but one.
-        answer.clear()
+        # A refusal at once holds no slot: its tenant is not struggling.
         deliver("g0", refuses).join(timeout=30)
-        assert failed == [ids["g0"]]
+        assert failed == [ids["g0"]] and not callback_tasks._struggling
+        # One whose last delivery held its slot over half the timeout holds all the slots but one.
+        answer.clear()
+        deliver("g0", times_out).join(timeout=30)
+        assert failed == [ids["g0"]] * 2
         greedy = deliver("g1")
         holding("g", 1)
         deliver("g2").join(timeout=30)  # a slot is free, but not the greedy tenant's
@@ -593,7 +623,7 @@ def test_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeyp
         # A second struggling tenant: the two together still leave a slot to every other tenant.
         answer.clear()
         inside.clear()
-        deliver("h0", refuses).join(timeout=30)
+        deliver("h0", times_out).join(timeout=30)
         greedy = deliver("g1")
         holding("g", 1)
         deliver("h1").join(timeout=30)  # a slot is free, but not the struggling tenants'
@@ -1594,3 +1624,47 @@ def test_a_run_named_beyond_ascii_is_delivered_under_its_encoded_name(
     delivery = headers["x-mlchat-delivery"]
     assert delivery.isascii() and "." not in delivery and unquote(delivery) == json.loads(body)["id"] == name
     assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, tenant_secret(""), delivery=delivery)
+
+
+def test_a_turn_the_sweep_fails_for_an_unserved_model_calls_back_at_once(
+    celery_worker, receiver, monkeypatch
+) -> None:
+    """Callbacks review: the sweep's model_unavailable failures queued no callback; housekeeping
+    found them five minutes later as callbacks whose message was lost."""
+    from sqlalchemy import text
+
+    from services.producer import enqueue_turns
+    from services.sweeper import fail_unserved_live_turns
+    from tasks.app import app
+    from tasks.presence import UNSERVED_SINCE
+
+    monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
+    unserved = f"unserved-cb-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(settings, "served_models", [settings.model, unserved])
+    monkeypatch.setattr(settings, "unserved_model_fail_s", 300.0)
+    request = _turn_asking_a_callback(f"http://127.0.0.1:{receiver}/hook") | {"model": unserved}
+    (turn_id,) = enqueue_turns([request], send=False)
+    with session_scope() as s:
+        an_hour_ago = func.now() - text("interval '1 hour'")
+        s.execute(
+            update(Turn).where(Turn.id == turn_id).values(created_at=an_hour_ago, queued_at=an_hour_ago)
+        )
+    now = int(time.time())
+    with app.connection_for_write() as conn:  # every sweep of the last hour found it unserved
+        conn.default_channel.client.hset(UNSERVED_SINCE, unserved, f"{now - 3600},{now - 600}")
+    try:
+        assert fail_unserved_live_turns()[unserved] == 1
+        deadline = time.monotonic() + 60
+        while not _Receiver.calls:
+            assert time.monotonic() < deadline, "no callback of the failed turn"
+            time.sleep(0.1)
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.client.hdel(UNSERVED_SINCE, unserved)
+    headers, body = _Receiver.calls[0]
+    sent = json.loads(body)
+    assert (
+        sent["id"] == str(turn_id)
+        and sent["status"] == "failed"
+        and sent["error_code"] == "model_unavailable"
+    )

@@ -17,7 +17,7 @@ from db.turns import (
     inline_key,
     running_elsewhere,
 )
-from services.producer import TurnView, as_request, enqueue_turns, get_turn, tell_cancelled
+from services.producer import TurnView, as_request, enqueue_turns, get_turn, tell_ended
 from services.scenes import send_created_steps
 from services.schemas import TurnRequest
 from worker.embedder import check_space
@@ -229,7 +229,7 @@ def _not_a_dead_calls(turn_ids: list[Any]) -> list[Any]:
         return turn_ids
     with session_scope() as session:
         dead = cancel_dead_calls_turns(session=session, turn_ids=turn_ids, reason=DIED_MID_ANSWER)
-    tell_cancelled(dead)
+    tell_ended(dead)
     return [turn for turn in turn_ids if turn not in dead]
 
 
