@@ -209,11 +209,18 @@ def conversation_names(*, session: Session, ids: Collection[int]) -> dict[int, s
     return {int(conv_id): name for conv_id, name in rows.tuples()}
 
 
+# A fact's relevance when no similarity could be computed (a process of another embedder): the same
+# for every fact, so recency and importance rank them.
+NO_SIMILARITY = 0.5
+
+
 # Which facts an NPC may know in one conversation: its tenant's, not superseded, and in a scope that
 # includes this conversation. Each arm of the OR is an index scan of migration 0021's partial indexes
 # on current facts (a BitmapOr): a turn reads its own scopes' facts, not every fact of its tenant.
-# The closest `pool` by embedding are scored in Python (with no relevance when this connection's
-# embedder is not the stored vectors': db/vector_space.py).
+# The best `pool` by the whole score (relevance x recency x importance, as FactHit.score) are scored
+# again in Python (with no relevance when this connection's embedder is not the stored vectors':
+# db/vector_space.py). The pool was the `pool` closest by embedding (review): a fresh, important fact
+# 65th by similarity never reached the scoring, behind 64 old lore lines of nearly its similarity.
 _VISIBLE_FACTS_SQL = text(
     """
 WITH q AS (
@@ -239,9 +246,13 @@ CROSS JOIN LATERAL (
         OR (f.scope = 'met' AND c.player_id <> '' AND f.player_id = c.player_id)
         OR (f.scope = 'story' AND f.scope_ref = c.story)
     )
-    ORDER BY distance NULLS LAST, importance DESC, created_at DESC, id DESC LIMIT :pool
+    ORDER BY (CASE WHEN q.same_space THEN GREATEST(1 - (embedding <=> q.vec), 0) ELSE NO_SIMILARITY END)
+             * power(0.5, GREATEST(CAST(EXTRACT(EPOCH FROM (now() - created_at)) AS float8), 0) / :half_life)
+             * importance DESC,
+             id DESC
+    LIMIT :pool
 ) f
-""".replace("SAME_SPACE", SAME_SPACE_SQL)
+""".replace("SAME_SPACE", SAME_SPACE_SQL).replace("NO_SIMILARITY", repr(NO_SIMILARITY))
 )
 
 
@@ -266,6 +277,7 @@ def facts_for_turns(
             "conv": list(conversation_ids),
             "vec": VectorArray(vectors),
             "pool": max(pool, k),
+            "half_life": half_life_s,
         },
     )
     for idx, fid, kind, subject, body, source, scope, importance, age_s, distance, ours, others, same in rows:
@@ -286,11 +298,6 @@ def facts_for_turns(
         )
     # Ties (facts written together, the same importance) broken by id: a retry packs the same facts.
     return [sorted(h, key=lambda x: (-x.score, -x.id))[:k] for h in hits]
-
-
-# A fact's relevance when no similarity could be computed (a process of another embedder): the same
-# for every fact, so recency and importance rank them.
-NO_SIMILARITY = 0.5
 
 
 def _relevance(distance: float | None, *, same_space: bool) -> float:

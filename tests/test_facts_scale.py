@@ -83,6 +83,12 @@ def test_a_turn_reads_its_scopes_facts_not_the_tenants(tenant: str) -> None:
         send_vectors_binary(s)
         plan = s.execute(
             text(f"EXPLAIN (ANALYZE, FORMAT JSON) {_VISIBLE_FACTS_SQL.text}"),
-            {"idx": [0], "conv": [conv], "vec": [np.asarray(vector, dtype=np.float32)], "pool": 64},
+            {
+                "idx": [0],
+                "conv": [conv],
+                "vec": [np.asarray(vector, dtype=np.float32)],
+                "pool": 64,
+                "half_life": 86400.0,
+            },
         ).scalar_one()[0]["Plan"]
     assert 4 <= _facts_rows_read(plan) <= 20  # the visible four; without the indexes all 3,004

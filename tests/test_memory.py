@@ -232,6 +232,55 @@ def test_a_fact_that_answers_the_question_is_not_pushed_out_by_important_facts_o
     assert answer in [h.id for h in hits], [(h.text, round(h.score, 3)) for h in hits]
 
 
+def test_a_fresh_important_fact_is_scored_though_older_lore_is_closer_to_the_question() -> None:
+    """Memory review: only the facts closest by embedding (64) were scored at all, so a fresh,
+    important fact ranked past them by similarity never reached the scoring, however much recency
+    and importance favoured it: months-old lore lines of nearly its similarity filled the pool."""
+    from sqlalchemy import text, update
+
+    from db.models import Fact
+
+    tenant = f"lore-{uuid.uuid4().hex[:6]}"
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv = _conversation("elara", player, tenant=tenant)
+    lore = [
+        "The queen's sister's name is Wren.",
+        "The baker's sister's name is Tilda.",
+        "The smith's sister's name is Nell.",
+        "The guard's sister's name is Bree.",
+    ]
+    old = [_fact(t, FactScope.WORLD, tenant=tenant, kind=FactKind.WORLD) for t in lore]
+    fresh = _fact(
+        "Rowan's sibling Mira lives by the sea.",
+        FactScope.CONVERSATION,
+        str(conv),
+        tenant=tenant,
+        player=player,
+    )
+    with session_scope() as s:  # the lore is from launch, four months ago; the player's fact is new
+        s.execute(
+            update(Fact)
+            .where(Fact.id.in_(old))
+            .values(created_at=func.now() - text("interval '120 days'"), importance=0.5)
+        )
+    question = embed(["What is my sister's name?"])[0]
+    with session_scope() as s:
+        (hits,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[question], k=len(old) + 1, half_life_s=HALF_LIFE
+        )
+    by_id = {h.id: h for h in hits}
+    # what the case is about: the fresh fact is the least similar of them all, and the best by score
+    assert by_id[fresh].relevance < min(by_id[i].relevance for i in old), [
+        (h.text, h.relevance) for h in hits
+    ]
+    assert by_id[fresh].score > max(by_id[i].score for i in old)
+    with session_scope() as s:  # the pool as small as the lore: only one of them is kept
+        (best,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[question], k=1, half_life_s=HALF_LIFE, pool=len(old)
+        )
+    assert [h.id for h in best] == [fresh]
+
+
 # --- rolling summaries ---------------------------------------------------------------------------
 
 
