@@ -126,8 +126,8 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
     data = card.get("data")
     if not isinstance(data, dict):
         raise CardError("card.data must be an object")
-    for name in _STRING_FIELDS:
-        if name in data and not isinstance(data[name], str):
+    for name in _STRING_FIELDS:  # null is not given, as SillyTavern reads it (name excepted, below)
+        if data.get(name) is not None and not isinstance(data[name], str):
             raise CardError(f"card.data.{name} must be a string, not {type(data[name]).__name__}")
     if not (data.get("name") or "").strip():
         raise CardError("card.data.name is empty")
@@ -142,9 +142,13 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
     if value_count(card, stop_past=CARD_MAX_VALUES) > CARD_MAX_VALUES:
         raise CardError(f"card: holds more than {CARD_MAX_VALUES:,} values")
     _check_storable(card, "card")
-    for name in ("alternate_greetings", "tags"):
-        value = data.get(name, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    for name in ("alternate_greetings", "tags"):  # kept on the card, never read: as SillyTavern takes
+        value = data.get(name)  # them, null, one string or a list of strings (review)
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and (not isinstance(value, list) or not all(isinstance(v, str) for v in value))
+        ):
             raise CardError(f"card.data.{name} must be a list of strings")
     if "extensions" in data and not isinstance(data["extensions"], dict):
         raise CardError("card.data.extensions must be an object")
@@ -194,13 +198,13 @@ def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
         own["language"] = language.strip()
     return own | {
         "name": data["name"].strip(),
-        "description": data.get("description", ""),
-        "personality": data.get("personality", ""),
-        "scenario": data.get("scenario", ""),
-        "first_message": data.get("first_mes", ""),
-        "example_dialogues": parse_mes_example(data.get("mes_example", ""), data["name"]),
-        "system_prompt": data.get("system_prompt", ""),
-        "post_history_instructions": data.get("post_history_instructions", ""),
+        "description": data.get("description") or "",
+        "personality": data.get("personality") or "",
+        "scenario": data.get("scenario") or "",
+        "first_message": data.get("first_mes") or "",
+        "example_dialogues": parse_mes_example(data.get("mes_example") or "", data["name"]),
+        "system_prompt": data.get("system_prompt") or "",
+        "post_history_instructions": data.get("post_history_instructions") or "",
     }
 
 

@@ -89,6 +89,10 @@ class LoreEntry(BaseModel):
     position: Literal["before_char", "after_char"] = "after_char"
     exclude_recursion: bool = False
     prevent_recursion: bool = False
+    # SillyTavern's: fires only in a recursion step (never with recursion off); and its own scan
+    # depth in place of the book's.
+    delay_until_recursion: bool = False
+    scan_depth: int | None = Field(default=None, ge=0)
     ignored_decorators: list[str] = Field(default_factory=list)
 
     @field_validator("keys", "secondary_keys")
@@ -161,6 +165,8 @@ class LoreEntry(BaseModel):
         return self
 
 
+UNBUDGETED = 1 << 40  # a book's token budget of 0: no limit of its own
+
 # A first part this many characters a token left is enough to tell an entry overflows the budget
 # (about four characters a token in the scripts measured; a text of longer tokens is counted whole).
 CHARS_COUNTED_PER_TOKEN = 8
@@ -201,27 +207,30 @@ class Lorebook(BaseModel):
             if not isinstance(ext, dict):
                 raise ValueError(f"entries[{i}].extensions must be an object")
             try:
+                # A field given as null is the field not given, as SillyTavern reads it (`|| []`).
                 parsed.append(
                     LoreEntry(
-                        id=e.get("id", i),
+                        id=_or_default(e.get("id"), i),
                         name=e.get("name") or e.get("comment") or "",
-                        keys=e.get("keys", []),
-                        secondary_keys=e.get("secondary_keys", []),
-                        selective=e.get("selective", False),
-                        selective_logic=ext.get("selectiveLogic", 0),
+                        keys=_or_default(e.get("keys"), []),
+                        secondary_keys=_or_default(e.get("secondary_keys"), []),
+                        selective=_or_default(e.get("selective"), False),
+                        selective_logic=_or_default(ext.get("selectiveLogic"), 0),
                         content=e["content"],
-                        enabled=e.get("enabled", True),
-                        constant=e.get("constant", False),
+                        enabled=_or_default(e.get("enabled"), True),
+                        constant=_or_default(e.get("constant"), False),
                         case_sensitive=e.get("case_sensitive") or ext.get("case_sensitive") or False,
                         # SillyTavern marks every entry it exports use_regex while its scanner
                         # reads only `/…/flags` keys as patterns: its entries (display_index is its
                         # own) are read as it reads them.
-                        use_regex=e.get("use_regex", False) and "display_index" not in ext,
-                        insertion_order=e.get("insertion_order", 100),
-                        priority=e.get("priority", 10),
+                        use_regex=_or_default(e.get("use_regex"), False) and "display_index" not in ext,
+                        insertion_order=_or_default(e.get("insertion_order"), 100),
+                        priority=_or_default(e.get("priority"), 10),
                         position=e.get("position") or "after_char",
-                        exclude_recursion=ext.get("exclude_recursion", False),
-                        prevent_recursion=ext.get("prevent_recursion", False),
+                        exclude_recursion=_or_default(ext.get("exclude_recursion"), False),
+                        prevent_recursion=_or_default(ext.get("prevent_recursion"), False),
+                        delay_until_recursion=_or_default(ext.get("delay_until_recursion"), False),
+                        scan_depth=ext.get("scan_depth"),
                     )
                 )
             except KeyError as exc:
@@ -232,14 +241,20 @@ class Lorebook(BaseModel):
                 raise ValueError(f"entries[{i}]: {exc}") from exc
         try:
             return cls(
-                name=book.get("name", ""),
-                scan_depth=book.get("scan_depth", DEFAULT_SCAN_DEPTH),
-                token_budget=book.get("token_budget", DEFAULT_TOKEN_BUDGET),
-                recursive_scanning=book.get("recursive_scanning", False),
+                name=book.get("name") or "",
+                scan_depth=_or_default(book.get("scan_depth"), DEFAULT_SCAN_DEPTH),
+                token_budget=_or_default(book.get("token_budget"), DEFAULT_TOKEN_BUDGET),
+                recursive_scanning=_or_default(book.get("recursive_scanning"), False),
+                max_recursion_steps=_or_default(book.get("max_recursion_steps"), MAX_RECURSION_STEPS),
                 entries=parsed,
             )
         except ValidationError as exc:
             raise ValueError(first_error(exc)) from None
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    """A card's field as read: null is the field not given."""
+    return default if value is None else value
 
 
 def to_character_book(book: Lorebook) -> dict[str, Any]:
@@ -249,6 +264,7 @@ def to_character_book(book: Lorebook) -> dict[str, Any]:
         "scan_depth": book.scan_depth,
         "token_budget": book.token_budget,
         "recursive_scanning": book.recursive_scanning,
+        "max_recursion_steps": book.max_recursion_steps,
         "extensions": {},
         "entries": [
             {
@@ -269,6 +285,8 @@ def to_character_book(book: Lorebook) -> dict[str, Any]:
                     "selectiveLogic": int(e.selective_logic),
                     "exclude_recursion": e.exclude_recursion,
                     "prevent_recursion": e.prevent_recursion,
+                    "delay_until_recursion": e.delay_until_recursion,
+                    **({"scan_depth": e.scan_depth} if e.scan_depth is not None else {}),
                 },
             }
             for e in book.entries
@@ -514,37 +532,57 @@ def activate(
     room: int | None = None,
 ) -> Activation:
     """Which entries fire for this turn, and which of them fit the book's token budget, and `room`
-    (the prompt's: no budget a card sets takes more than the context holds)."""
-    sources = [("the player's message", message)] + [
+    (the prompt's: no budget a card sets takes more than the context holds).
+
+    A scan depth of N reads N messages, the player's one of them (SillyTavern's and the card spec's
+    count; 0 reads none: only constant entries fire), an entry's own depth in place of the book's.
+    In a recursion step an entry's keys are read against the chat and everything recursed so far
+    (its primary key in the chat, its secondary one in another entry's content fires it there), and
+    the entries' content is read filled ({{user}} as the player's name), as SillyTavern reads them."""
+    deepest = max([book.scan_depth, *(e.scan_depth or 0 for e in book.entries)])
+    chat_said = [("the player's message", message)] + [
         (f"history line -{i}", line)
-        for i, line in enumerate(reversed(history[-book.scan_depth :] if book.scan_depth else []), 1)
+        for i, line in enumerate(reversed(history[-(deepest - 1) :] if deepest > 1 else []), 1)
     ]
+    chat = [_Text.of(where, text) for where, text in chat_said]  # each text prepared once a turn
     candidates = [e for e in book.entries if e.enabled and e.content]
     fired = [(e, "constant") for e in candidates if e.constant]
     waiting = [e for e in candidates if not e.constant]
     activation = Activation()
     budget = KeyBudget(fill=fill)
-    last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed, budget=budget)
+    last_round = fired + _scan(
+        waiting, chat, step=0, failed=activation.failed, budget=budget, depth=book.scan_depth, chat=len(chat)
+    )
     fired = list(last_round)
-    seen = list(sources)  # what secondary keys are read against: the chat, and all recursed so far
+    seen = list(chat)  # what keys are read against in a recursion step: the chat, and all recursed
     for step in range(1, (book.max_recursion_steps if book.recursive_scanning else 0) + 1):
-        sources = [
-            (f"recursion step {step}: entry {e.id}", e.content)
+        recursed = [
+            _Text.of(f"recursion step {step}: entry {e.id}", fill(e.content))
             for e, _ in last_round
             if not e.prevent_recursion
         ]
-        seen += sources
+        seen += recursed
         last_round = (
-            _scan(waiting, sources, step=step, failed=activation.failed, budget=budget, seen=seen)
-            if sources
+            _scan(
+                waiting,
+                seen,
+                step=step,
+                failed=activation.failed,
+                budget=budget,
+                depth=book.scan_depth,
+                chat=len(chat),
+            )
+            if recursed
             else []
         )
         if not last_round:
             break
         fired += last_round
     ranked = sorted(fired, key=lambda f: (not f[0].constant, -f[0].priority, f[0].insertion_order))
-    limit = book.token_budget if room is None else min(book.token_budget, max(room, 0))
-    activation.room_limits = limit < book.token_budget
+    # A budget of 0 is no budget of the book's (some editors write it for "all"): the room limits it.
+    book_limit = book.token_budget or UNBUDGETED
+    limit = book_limit if room is None else min(book_limit, max(room, 0))
+    activation.room_limits = limit < book_limit
     # What one turn reads of the entries, at most: a card of thousands of long entries (or a budget
     # of a billion) had every entry that fired filled, cleaned and tokenised at every turn of its
     # character. Past what is left of the budget a first part of an entry is counted, and once this
@@ -581,28 +619,37 @@ def activate(
 
 def _scan(
     waiting: list[LoreEntry],
-    sources: Sequence[tuple[str, str]],
+    texts: Sequence[_Text],
     *,
     step: int,
     failed: list[tuple[LoreEntry, str]],
     budget: KeyBudget,
-    seen: Sequence[tuple[str, str]] = (),
+    depth: int,
+    chat: int,
 ) -> list[tuple[LoreEntry, str]]:
-    """Entries of `waiting` whose keys occur in `sources` and whose secondary keys hold on `seen`
-    (the chat and every text recursed so far, as SillyTavern reads them; `sources` by default);
-    they leave `waiting`, and so does an entry whose regex key failed (timed out, or did not
-    compile), or whose regex keys come after the turn's time for regex keys ran out (recorded in
-    `failed`). Linear in the entries: a book of thousands is scanned once per step, its texts
-    casefolded once."""
-    texts = [_Text.of(where, text) for where, text in sources]
-    scanned = _Text.of("", "\n".join(text for _, text in (seen or sources)))
+    """Entries of `waiting` whose keys occur in `texts` (the chat's `chat` messages first, newest
+    first, each entry reading as many as its scan depth, else `depth`; then what recursion added) and whose
+    secondary keys hold on the same; they leave `waiting`, and so does an entry whose regex key
+    failed (timed out, or did not compile), or whose regex keys come after the turn's time for regex
+    keys ran out (recorded in `failed`). Entries delayed until recursion wait out step 0; those
+    excluded from it, every later step. Linear in the entries: a book of thousands is scanned once
+    per step, its texts casefolded once."""
+    reads: dict[int, tuple[list[_Text], _Text]] = {}  # by scan depth: a book's entries share a few
+
+    def read_at(own: int) -> tuple[list[_Text], _Text]:
+        if own not in reads:
+            read = [*texts[: min(own, chat)], *texts[chat:]]
+            reads[own] = read, _Text.of("", "\n".join(t.text for t in read))
+        return reads[own]
+
     hits, left = [], []
     for entry in waiting:
-        if step and entry.exclude_recursion:
+        if (step and entry.exclude_recursion) or (not step and entry.delay_until_recursion):
             left.append(entry)
             continue
+        read, scanned = read_at(entry.scan_depth if entry.scan_depth is not None else depth)
         try:
-            reason = _first_hit(entry, texts, scanned, budget)
+            reason = _first_hit(entry, read, scanned, budget)
         except KeyFailed as exc:
             failed.append((entry, str(exc)))
             continue

@@ -183,7 +183,7 @@ DEEP_REGEX = "/" + "(" * 450 + "a" + ")" * 450 + "/"  # past the parser's recurs
         (b"[1, 2]", "JSON list, not a card object"),
         (json.dumps({"name": "V1 card"}).encode(), "unsupported card spec None"),
         (_card(name=""), "name is empty"),
-        (_card(tags="x"), "tags must be a list"),
+        (_card(tags={"x": 1}), "tags must be a list"),  # one string is taken, as SillyTavern takes it
         (_card("chara_card_v3", description=5), "description must be a string"),
         (_card(character_book={"entries": [{"keys": []}]}), r"entries\[0\] has no 'content'"),
         (_card(character_book={"entries": [{"keys": ["/(bad/"], "content": "x"}]}), "bad regex key"),
@@ -409,3 +409,27 @@ def test_a_png_cards_base64_is_read_as_sillytavern_reads_it(world, wrap) -> None
     slug = import_card(_png_with_chunks(chara=text), f"wren-{uuid.uuid4().hex[:6]}").slug
     with session_scope() as s:
         assert get_character(session=s, slug=slug).name == "Wrapped Wren"
+
+
+def test_a_card_with_null_prompt_fields_and_tags_as_one_string_is_read_as_sillytavern_reads_it() -> None:
+    """Cards review: `"system_prompt": null` (any prompt field null), `tags` written as one string or
+    null, `alternate_greetings` null refused the whole card; SillyTavern takes them (null as not
+    given). mlchat never reads tags or greetings; they stay on the card as given."""
+    card = read_card(
+        _card(
+            description="A smuggler.",
+            system_prompt=None,
+            post_history_instructions=None,
+            first_mes=None,
+            mes_example=None,
+            tags="fantasy, elf",
+            alternate_greetings=None,
+        )
+    )
+    assert card.fields["description"] == "A smuggler."
+    assert card.fields["system_prompt"] == card.fields["post_history_instructions"] == ""
+    assert card.fields["example_dialogues"] == [] and card.card["data"]["tags"] == "fantasy, elf"
+    with pytest.raises(CardError, match=r"card\.data\.name is empty"):
+        read_card(_card(name=None))
+    with pytest.raises(CardError, match=r"card\.data\.tags must be a list of strings"):
+        read_card(_card(tags=[1, 2]))

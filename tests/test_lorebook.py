@@ -66,11 +66,24 @@ def test_secondary_key_logic(logic, message, fires) -> None:
     assert bool(_fired(book, message)) is fires
 
 
-def test_scan_depth_reaches_only_the_newest_history_lines() -> None:
-    book = _book({"keys": ["lighthouse"]}, scan_depth=2)
+def test_scan_depth_counts_the_players_message_among_the_lines_it_reads() -> None:
+    """Cards review: a scan depth of N read the message and N history lines, one more than the card
+    spec and SillyTavern read (every card SillyTavern exports says 2: the message and one line),
+    and 0 still read the message."""
+    book = _book({"keys": ["lighthouse"]}, scan_depth=3)
     history = ["we saw the lighthouse", "then the tide came", "and the boats"]
     assert _fired(book, "what now?", history) == {}
     assert _fired(book, "what now?", history[:2]) == {0: "key 'lighthouse' in history line -2"}
+    assert _fired(_book({"keys": ["lighthouse"]}, scan_depth=2), "what now?", history[:2]) == {}
+    assert _fired(_book({"keys": ["lighthouse"]}, scan_depth=0), "the lighthouse?") == {}
+    # an entry's own depth (SillyTavern's extensions.scan_depth) in place of the book's
+    deep = Lorebook.from_character_book(
+        {
+            "scan_depth": 1,
+            "entries": [{"keys": ["lighthouse"], "content": "x", "extensions": {"scan_depth": 4}}],
+        }
+    )
+    assert _fired(deep, "what now?", history) == {0: "key 'lighthouse' in history line -3"}
 
 
 def test_recursion_fires_entries_from_other_entries_content_up_to_the_step_limit() -> None:
@@ -534,3 +547,90 @@ def test_javascript_regex_forms_sillytavern_compiles_are_read() -> None:
     assert set(_fired(book, "haha \U0001f5e1")) == {1, 2}
     assert set(_fired(book, "a\nb")) == {3}
     assert set(_fired(book, "x\\k<w>")) == {4}
+
+
+def test_recursion_reads_keys_against_the_chat_and_every_text_recursed_and_the_content_filled() -> None:
+    """Cards review: in a recursion step an entry's primary keys were read in the last step's
+    content alone, so an entry whose primary key is in the chat and whose secondary key came from
+    another entry never fired; and recursion read the content unfilled, so an entry keyed on the
+    player's name never fired from "{{user}} owes the guild". SillyTavern fires both."""
+    king = {
+        "keys": ["castle"],
+        "selective": True,
+        "secondary_keys": ["Aldric"],
+        "content": "The castle gate.",
+    }
+    book = _book({"constant": True, "content": "The king of Varn is Aldric."}, king, recursive_scanning=True)
+    assert set(_fired(book, "Let's go to the castle.")) == {0, 1}
+    assert set(
+        _fired(_book({"constant": True, "content": "x"}, king, recursive_scanning=True), "the castle")
+    ) == {0}
+    owes = _book(
+        {"keys": ["guild"], "content": "{{user}} owes the guild."},
+        {"keys": ["Rowan"], "content": "Rowan is a thief."},
+        recursive_scanning=True,
+    )
+    fired = activate(
+        owes,
+        message="the guild?",
+        history=[],
+        count_tokens=_words,
+        fill=lambda t: t.replace("{{user}}", "Rowan"),
+    )
+    assert {f.entry.id for f in fired.kept} == {0, 1}
+
+
+def test_an_entry_delayed_until_recursion_fires_only_in_a_recursion_step() -> None:
+    """Cards review: SillyTavern's `delay_until_recursion` (in every entry it exports) was dropped,
+    so an entry meant to fire only when other lore mentions it fired on any mention in the chat."""
+    entries = [
+        {"keys": ["harbour"], "content": "The harbour hides a smuggler."},
+        {
+            "keys": ["smuggler"],
+            "content": "The smuggler is Mira.",
+            "extensions": {"delay_until_recursion": True},
+        },
+    ]
+    flat = Lorebook.from_character_book({"entries": entries})
+    assert {
+        f.entry.id for f in activate(flat, message="a smuggler?", history=[], count_tokens=_words).kept
+    } == set()
+    deep = Lorebook.from_character_book({"entries": entries, "recursive_scanning": True})
+    assert {
+        f.entry.id for f in activate(deep, message="a smuggler?", history=[], count_tokens=_words).kept
+    } == set()
+    assert {
+        f.entry.id for f in activate(deep, message="the harbour", history=[], count_tokens=_words).kept
+    } == {0, 1}
+
+
+def test_a_book_of_null_fields_and_no_budget_is_read_as_sillytavern_reads_it() -> None:
+    """Cards review: an entry's `"secondary_keys": null` (or selective, constant, priority, id null)
+    refused the whole card, where SillyTavern reads null as not given; and a `token_budget` of 0
+    (some editors' "all") dropped every entry, constants included."""
+    book = Lorebook.from_character_book(
+        {
+            "token_budget": 0,
+            "scan_depth": None,
+            "entries": [
+                {
+                    "id": None,
+                    "keys": ["lamp"],
+                    "secondary_keys": None,
+                    "selective": None,
+                    "constant": None,
+                    "priority": None,
+                    "insertion_order": None,
+                    "enabled": None,
+                    "content": "The lamp is brass.",
+                },
+                {"keys": None, "constant": True, "content": "Always here."},
+            ],
+        }
+    )
+    assert [(e.id, e.secondary_keys, e.enabled, e.priority) for e in book.entries] == [
+        (0, [], True, 10),
+        (1, [], True, 10),
+    ]
+    kept = activate(book, message="the lamp", history=[], count_tokens=_words, room=1000).kept
+    assert {f.entry.id for f in kept} == {0, 1}

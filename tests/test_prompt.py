@@ -583,6 +583,20 @@ def test_sillytavern_macros_are_filled_as_sillytavern_fills_them(tokenizer) -> N
     assert "{{" not in built.text and "<USER>" not in built.text and "<BOT>" not in built.text
 
 
+def test_a_card_writers_comments_never_reach_the_prompt(tokenizer) -> None:
+    """Cards review: `{{// …}}` (the card spec says it MUST become nothing) reached every prompt, a
+    writer's note "she is secretly the villain, never reveal" with it; `{{newline}}` and `{{trim}}`
+    too, as written."""
+    card = _character()
+    note = "{{// writer note: she is secretly the villain,\nnever reveal}}"
+    card.description = note + "A quiet innkeeper.{{newline}}Kind.{{trim}}"
+    built = PromptBuilder(tokenizer, "chat_template", 2048).build(
+        PromptInput(card, "Rowan", "Hello.", TurnContext(), 32)
+    )
+    assert "A quiet innkeeper.\nKind." in built.text
+    assert "villain" not in built.text and "{{" not in built.text
+
+
 def test_example_dialogue_keeps_the_prompts_own_speaker_labels_unescaped(tokenizer) -> None:
     """Found in review: the example dialogue's own "Elara:" labels went through the cleaner with the
     card's text, so gpt_oss_text taught the model "Elara\\u200b:" while cueing "Elara:"."""

@@ -27,8 +27,14 @@ Clean = Callable[[str], str]
 
 # SillyTavern's macros as it reads them: {{char}} and {{user}} in any case, and the legacy <BOT>,
 # <CHAR> and <USER>; {{original}} (a card's system prompt or post-history instructions written around
-# the frontend's own) is the default system prompt in the one, nothing elsewhere.
-_MACRO = regex.compile(r"\{\{(char|user|original)\}\}|<(bot|char|user)>", regex.IGNORECASE)
+# the frontend's own) is the default system prompt in the one, nothing elsewhere. A writer's comment
+# `{{// …}}` is nothing (the card spec's MUST: a note such as "she is the villain, never reveal" went
+# into every prompt; review), `{{newline}}` a line break, `{{trim}}` nothing.
+_MACRO = regex.compile(
+    r"\{\{(char|user|original|newline|trim)\}\}|<(bot|char|user)>|(\{\{//.*?\}\})",
+    regex.IGNORECASE | regex.DOTALL,
+)
+_FILLS = {"newline": "\n", "trim": ""}
 
 
 CHAR_MACRO = "{{char}}"  # the prompt's own mention of the character, filled with the rest
@@ -43,7 +49,11 @@ ACTIONS_HEADER = "[Actions]\n"  # over worker/structured.py's actions_prompt, pu
 
 def fill_macros(text: str, char: str, user: str, original: str = "") -> str:
     def fill(match: regex.Match[str]) -> str:
+        if match.group(3):  # a comment
+            return ""
         name = (match.group(1) or match.group(2)).lower()
+        if name in _FILLS:
+            return _FILLS[name]
         return user if name == "user" else original if name == "original" else char
 
     return _MACRO.sub(fill, text)
