@@ -247,7 +247,11 @@ CROSS JOIN LATERAL (
         OR (f.scope = 'story' AND f.scope_ref = c.story)
     )
     ORDER BY (CASE WHEN q.same_space THEN GREATEST(1 - (embedding <=> q.vec), 0) ELSE NO_SIMILARITY END)
-             * power(0.5, GREATEST(CAST(EXTRACT(EPOCH FROM (now() - created_at)) AS float8), 0) / :half_life)
+             -- at most 1,000 half-lives: PostgreSQL's power() raises on an underflow, where Python's is 0
+             * power(
+                 0.5,
+                 LEAST(GREATEST(CAST(EXTRACT(EPOCH FROM now() - created_at) AS float8), 0) / :half_life, 1000)
+               )
              * importance DESC,
              id DESC
     LIMIT :pool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -266,3 +267,7 @@ def _slice_engine(url: URL, size: int) -> Engine:
             hide_parameters=True,
         )
     )
+
+
+# A forked child drops the parent's slice pools (their connections are the parent's) and makes its own.
+os.register_at_fork(after_in_child=_slice_engine.cache_clear)

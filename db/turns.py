@@ -598,6 +598,7 @@ def claim_turns(
             ).all()
         )
     taken = set(claimed_ids) | set(result.exhausted) | set(result.deferred) | set(result.blocked)
+    taken |= {t.id for t in result.elsewhere}  # sent to their own model's queue, not deferred here too
     unclaimed = [i for i in turn_ids if i not in taken]
     if unclaimed:
         open_now = {

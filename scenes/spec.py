@@ -76,6 +76,20 @@ class SceneSpec(BaseModel):
     player_name: Text = Field(default="", max_length=200)
     params: GenerationParams = Field(default_factory=GenerationParams)
 
+    @model_validator(mode="after")
+    def _end_phrase_not_stopped(self) -> SceneSpec:
+        """A stop string the end phrase holds cuts the reply before the phrase is written (vLLM leaves
+        stop strings out of the text), so the phrase never ends the scene (review)."""
+        if self.end_phrase:
+            phrase = self.end_phrase.casefold()
+            for i, stop in enumerate(self.params.stop or []):
+                if stop.casefold() in phrase:
+                    raise ValueError(
+                        f"params.stop.{i}: {stop!r} would cut every reply before end_phrase"
+                        f" {self.end_phrase!r} is written, and the phrase would never end the scene"
+                    )
+        return self
+
     @field_validator("participants", mode="before")
     @classmethod
     def _slugs(cls, value: Any) -> Any:

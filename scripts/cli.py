@@ -1396,7 +1396,18 @@ def main(argv: list[str] | None = None) -> int:
         raise
     if result == INTERRUPTED:  # Typer turns Ctrl-C into this exit code, silently
         _err("mlchat: interrupted; what was stored is kept (a run submitted again resumes)")
+    _streams_told()
     return int(result) if isinstance(result, int) else 0
+
+
+def _streams_told() -> None:
+    """What a command queued for streams (the ends of turns a sweep failed or a cancel ended) sent
+    before the process exits: the publisher's thread is a daemon (review: readers waited for their
+    status check)."""
+    from streaming.publisher import flush_if_started
+
+    if not flush_if_started(5.0):
+        _err("mlchat: warning: some streams' ends were not sent; their readers learn at their next check")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,7 @@ def create_batch(
         default_character=(meta or {}).get("character"),
         allow_system_prompt=allow_system_prompt,
         candidates=candidates,
+        scenes=False,
     )
     run_id = uuid.uuid4()
     try:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, Field, field_validator
 from sqlalchemy import select
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from core.settings import DEFAULT_TENANT, Lane, settings
 from core.text import printable
@@ -619,9 +620,16 @@ def _store_one_fast(
                     character=req.character,
                     conversation=_conversation_fields(req),
                 )
+    except PoolTimeout as exc:  # no free connection in time: no statement ran, and the full path
+        # would wait as long again on its own pool before the same 503 (review)
+        logger.warning("no database connection free in time at enqueue", exc_info=True)
+        raise EnqueueError(
+            "database busy at enqueue (no connection free in time); nothing was sent (retry with the same"
+            " idempotency key)"
+        ) from exc
     except DATABASE_OUTAGES:
-        # A stale pooled connection (this path has no pre-ping), an outage, no free connection in
-        # time, or a reply lost after the commit: the full path decides.
+        # A stale pooled connection (this path has no pre-ping), an outage, or a reply lost after
+        # the commit: the full path decides.
         return None, keyed, True
     if stored is None:
         return None, keyed, False
@@ -673,7 +681,8 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: da
             raise EnqueueError(
                 ("the broker is full (its maxmemory)" if full else "could not reach the broker")
                 + f", and the database to mark the {len(stranded)} unsent turn(s) failed: they stay"
-                " queued and the sweep sends them (retry with the same idempotency keys)"
+                " queued and the sweep sends them (a keyed request may be retried with its key; an"
+                " unkeyed one is not to be sent again, or it is answered twice)"
             ) from away
         # None failed: their messages went though the send raised, and workers claimed them already.
         if not failed:

@@ -15,6 +15,7 @@ a round held through an outage is neither.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -185,6 +186,15 @@ class Publisher:
 
 _publisher: Publisher | None = None
 _publisher_lock = threading.Lock()
+
+
+def _start_afresh() -> None:
+    """A forked child has the parent's publisher without its thread: what it queued was never sent."""
+    global _publisher, _publisher_lock
+    _publisher, _publisher_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_start_afresh)
 
 
 def publisher() -> Publisher:

@@ -8,7 +8,7 @@ to drop a repeat.
 Callbacks run in the worker threads that also run generation flushes, and their queue is read first;
 a worker delivers at most MLCHAT_CALLBACK_CONCURRENCY at once (and at most half its threads), so
 receivers that hang (a host that accepts and never answers, a resolver that stalls) cannot take every
-thread from live turns; and a tenant one of whose deliveries failed or was slow holds all those slots
+thread from live turns; and a tenant one of whose deliveries was slow (failed or not) holds all those slots
 but one for two minutes, so its hanging receivers cannot hold back every other tenant's callbacks;
 while another tenant's delivery waits for a slot, a tenant holding all but one takes no more. A
 delivery that finds no slot is sent back to the queue, its try not counted, looked at again after

@@ -39,8 +39,8 @@ os.environ.setdefault("MLCHAT_CPU_KVCACHE_GIB", "1")
 os.environ.setdefault("MLCHAT_BATCH_RETRY_DELAY", "0.5")
 # Runs generate one candidate per line here (the suite's time); tests/test_best_of_n.py asks for more.
 os.environ.setdefault("MLCHAT_RUN_CANDIDATES", "1")
-os.environ.pop("DATABASE_URL", None)
-os.environ.pop("REDIS_URL", None)
+for _name in ("DATABASE_URL", "REDIS_URL", "MLCHAT_DATABASE_URL", "MLCHAT_REDIS_URL"):  # the MLCHAT_ ones win
+    os.environ.pop(_name, None)
 # Two full keys, an ingest-only key, and an ingest-only key configured by its sha256 only.
 INGEST_KEY, HASHED_INGEST_KEY = "ingest-only-key-0123", "hashed-ingest-key-4567"
 # Writers' desk keys: review scope only, each of its own tenant (tests/test_desk*.py).

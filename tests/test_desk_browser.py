@@ -425,14 +425,15 @@ def test_leaving_a_page_with_an_edit_not_saved_asks_first_and_a_line_leads_back_
     browser, base_url
 ) -> None:
     """Desk review: a link, a reload or a closed tab took an edit typed and not saved with it,
-    unasked; and a line page's back link led to the run's first page, not the one holding the line."""
+    unasked; and a line page's back link led to the run's first page, not to the line (a page
+    starting at it now)."""
     specs = [Spec(f"Line {i}?", f"Answer {i}.", quality(0.5)) for i in range(52)]
     run_id, ids = build_run("studio-a", specs, name=f"desk-leave-{uuid.uuid4().hex[:6]}")
     last = ids[-1]  # past the first page's 50
     page = _sign_in(browser, base_url, REVIEW_KEY)
     page.goto(f"{base_url}/desk/lines/{last}")
     page.get_by_role("link", name=re.compile("^← desk-leave-")).click()
-    page.locator(f"#line-{last}").wait_for()  # on the page that holds it
+    page.locator(f"#line-{last}").wait_for()  # on a page starting at it
     asked: list[str] = []
 
     def answer(dialog: Any) -> None:

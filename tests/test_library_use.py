@@ -89,7 +89,7 @@ def test_a_pool_with_no_connection_in_time_is_an_enqueue_error(world, monkeypatc
 
     monkeypatch.setattr(producer, "get_autocommit_engine", NoConnections)
     monkeypatch.setattr(producer, "_store_turns", no_connection)
-    with pytest.raises(producer.EnqueueError, match="database unreachable at enqueue; nothing was sent"):
+    with pytest.raises(producer.EnqueueError, match="database busy at enqueue .*; nothing was sent"):
         producer.enqueue_turn(new_conversation() | {"message": "Hello?"})
 
 
@@ -105,9 +105,15 @@ def test_a_forked_child_uses_connections_and_lookup_threads_of_its_own(world) ->
         "with get_engine().connect() as c: c.execute(text('SELECT 1'))\n"
         "shares.hold('t', 1); shares.submit('t', lambda: 1).result(5)\n"
         "parent = get_engine().pool.checkedin()\n"
+        "from db.retrieval import _slice_engine\n"
+        "from streaming.publisher import publisher\n"
+        "_slice_engine(get_engine().url, 1); publisher()\n"
         "r, w = os.pipe()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
+        "    from db.retrieval import _slice_engine\n"
+        "    import streaming.publisher as sp\n"
+        "    assert _slice_engine.cache_info().currsize == 0 and sp._publisher is None\n"
         "    kept = get_engine().pool.checkedin()\n"
         "    with get_engine().connect() as c: one = c.execute(text('SELECT 1')).scalar()\n"
         "    shares.hold('t', 1)\n"

@@ -279,6 +279,11 @@ def test_a_fresh_important_fact_is_scored_though_older_lore_is_closer_to_the_que
             session=s, conversation_ids=[conv], vectors=[question], k=1, half_life_s=HALF_LIFE, pool=len(old)
         )
     assert [h.id for h in best] == [fresh]
+    with session_scope() as s:  # review: ranked in SQL, a fact 1,440 half-lives old underflowed power()
+        (short,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[question], k=1, half_life_s=7200.0, pool=len(old)
+        )
+    assert [h.id for h in short] == [fresh]
 
 
 # --- rolling summaries ---------------------------------------------------------------------------

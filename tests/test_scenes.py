@@ -415,12 +415,15 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
     lines.append(
         {"custom_id": "intruder", "conversation": f"run:{name}:ok", "character": "haneul", "message": "hi"}
     )
+    # review: a stop string the end phrase holds cut it out of every reply: the scene never ended on it
+    lines.append({"custom_id": "cut", "scene": _scene(end_phrase="[END]", params={"stop": ["\n", "[end"]})})
     path = tmp_path / "scenes.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name=name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 14]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 14, 15]
+    assert reasons[15].startswith("scene: params.stop.1: '[end' would cut every reply before end_phrase")
     assert reasons[14] == f"conversation: 'run:{name}:ok' is where this run's scene line 'ok' goes"
     assert reasons[11] == "custom_id: 'ok#2' is the name of step 2 of the scene on line 1"
     assert reasons[2].startswith("scene.participants:") and "at least 2" in reasons[2]

@@ -151,6 +151,24 @@ def test_a_batch_line_cannot_name_another_tenants_conversation(base_url) -> None
     assert _turns_in(a_conv) == 1
 
 
+def test_a_batch_refuses_a_scene_line_naming_it(base_url) -> None:
+    """Scenes review: a scene line was taken through /v1/batches, whose output file then held lines
+    `gate-17#1`… with no speaker and no opening, and no line for `gate-17` itself."""
+    scene = {"participants": ["elara", "luffy"], "premise": "A rainy night.", "exchanges": 3}
+    created = _batch(base_url, B, _upload(base_url, B, [{"custom_id": "gate-17", "scene": scene}]))
+    assert created.status_code == 200, created.text
+    batch_id = created.json()["id"]
+    deadline = time.monotonic() + 60
+    while (batch := httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=B).json())[
+        "status"
+    ] == "validating":
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch["status"] == "failed", batch
+    messages = [e["message"] for e in batch["errors"]["data"]]
+    assert any(m.startswith("scene: a batch takes no scene lines") for m in messages), messages
+
+
 def test_allow_system_prompt_needs_an_admin_key(base_url) -> None:
     line = {
         "custom_id": "s1",

@@ -468,6 +468,11 @@ def test_a_turn_of_another_model_on_this_workers_queue_goes_to_its_own_models_qu
             assert turn is not None
             assert (turn.status, turn.attempts, turn.reply) == (TurnStatus.QUEUED, 0, None)
             assert turn.dispatched_at is not None  # its send recorded: no sweep sends it twice
+            sent_at = turn.dispatched_at
+        time.sleep(1.0)  # review: it was also deferred, sent back to this worker every 0.1 s
+        with session_scope() as s:
+            assert s.get_one(Turn, theirs).dispatched_at == sent_at
+        assert queue_depth(other, "live") == 1
         said = [r.getMessage() for r in caplog.records if r.name == "worker.pipeline"]
         assert any(f"turns of {other} reached this worker of {settings.model}" in m for m in said), said
     finally:

@@ -1208,8 +1208,11 @@ def adapter_of(character: Any, tenant: str, speaker: str = "character") -> Adapt
         return None
     if character.lora_tenant is not None and character.lora_tenant != tenant:
         return None
-    if character.lora_model is not None and character.lora_model != settings.model:
-        return None
+    if character.lora_model is not None and character.lora_model not in (
+        settings.model,
+        *settings.answers_for_models,
+    ):
+        return None  # these weights' own names answer with it (MLCHAT_ANSWERS_FOR_MODELS: the same weights)
     name = f"{character.slug}@v{character.lora_version}"
     return Adapter(name, adapter_id(adapter_key(name, character.lora_path)), character.lora_path)
 

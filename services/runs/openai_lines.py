@@ -172,6 +172,9 @@ class LineOptions:
     default_character: str | None = None
     allow_system_prompt: bool = False  # a system message replaces the character's own system prompt
     candidates: int | None = None  # best of n for lines that do not set params.n (None: the setting)
+    # Scene lines taken: not in an OpenAI batch, whose output file has no room for a scene's speakers
+    # and opening, nor a line for the scene's own custom_id (scenes review).
+    scenes: bool = True
 
 
 class RequestRefused(ValueError):

@@ -224,6 +224,11 @@ class LineReader:
                     f"choices: {line.choices} asked for, but the line generates only {n} candidates"
                 )
         if line.scene is not None:
+            if not self.options.scenes:
+                raise ValueError(
+                    "scene: a batch takes no scene lines (its output file names no speaker); submit a"
+                    " scene run with `mlchat run submit`, its transcript exported with `mlchat run export`"
+                )
             extra = [f for f in ("message", "character", "conversation", "history") if getattr(line, f)]
             if extra:
                 raise ValueError(f"{extra[0]}: a scene line names its characters in scene.participants")
