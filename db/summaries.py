@@ -20,6 +20,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from core.settings import PROMPT_ITEM_OVERHEAD_TOKENS
 from db.memory_jobs import SUMMARY, holds_job
 from db.memory_lines import MEMORY_MAY_READ_SQL, memory_may_read
 from db.models import Message, Role, Summary
@@ -76,10 +77,15 @@ def next_summary_work(
     threshold_tokens: int,
     chunk_tokens: int,
     fanout: int,
+    budget_tokens: int | None = None,
 ) -> SummaryWork | None:
-    """The next summary the conversation needs: a merge when `fanout` summaries of a level wait,
-    else the oldest unsummarised lines beyond the recent window once they pass `threshold_tokens`
-    (at most `chunk_tokens` of them); None when nothing is due."""
+    """The next summary the conversation needs: a merge when `fanout` summaries of a level wait, or
+    of the two oldest (whatever their levels) when the summaries not merged would pass
+    `budget_tokens` (the prompt's room for them: it shows the oldest and the newest first, and the
+    ones between fell out of every prompt as a long conversation's count of them grew, the middle of
+    the conversation in no prompt; review), else the oldest unsummarised lines beyond the recent
+    window once they pass `threshold_tokens` (at most `chunk_tokens` of them); None when nothing is
+    due."""
     open_ = session.execute(
         select(Summary.id, Summary.level, Summary.first_seq, Summary.last_seq, Summary.text)
         .where(Summary.conversation_id == conversation_id, Summary.merged_into.is_(None))
@@ -99,6 +105,19 @@ def next_summary_work(
                 parts[-1].last_seq,
                 parts=[(r.id, r.text) for r in parts],
                 seqs=[r.last_seq for r in parts],
+            )
+    in_order = sorted(open_, key=lambda r: r.first_seq)
+    if budget_tokens is not None and len(in_order) >= 2:
+        cost = sum(len(r.text) // CHARS_PER_TOKEN + PROMPT_ITEM_OVERHEAD_TOKENS for r in in_order)
+        if cost > budget_tokens:
+            first, second = in_order[0], in_order[1]
+            return SummaryWork(
+                conversation_id,
+                max(first.level, second.level) + 1,
+                first.first_seq,
+                second.last_seq,
+                parts=[(first.id, first.text), (second.id, second.text)],
+                seqs=[first.last_seq, second.last_seq],
             )
     covered = session.scalar(
         select(Summary.last_seq)

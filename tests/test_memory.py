@@ -398,6 +398,37 @@ def test_summary_work_reads_one_chunk_of_a_long_backlog_not_all_of_it() -> None:
         )
 
 
+def test_summaries_past_the_prompts_room_for_them_merge_the_two_oldest() -> None:
+    """Memory review: with the defaults the prompt shows the oldest and the newest summary and no
+    other fits; a long campaign's summaries (up to three a level) were stored and shown in no prompt,
+    lines 641-1960 of 2,000 in none. Past the room, the two oldest are merged, whatever their levels."""
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    with session_scope() as s:
+        for level, first, last in ((2, 1, 640), (0, 641, 680), (0, 681, 720)):
+            s.add(Summary(conversation_id=conv, level=level, first_seq=first, last_seq=last, text="y" * 600))
+    _lines(conv, 730)  # nothing new beyond the window past its threshold: only a merge can be due
+
+    def work(budget: int | None):  # type: ignore[no-untyped-def]
+        with session_scope() as s:
+            return next_summary_work(
+                session=s,
+                conversation_id=conv,
+                recent_n=12,
+                threshold_tokens=1_000_000,
+                chunk_tokens=1500,
+                fanout=4,
+                budget_tokens=budget,
+            )
+
+    assert work(None) is None and work(3 * 156) is None  # 3 x (150 + 6) tokens fit
+    merge = work(3 * 156 - 1)
+    assert merge is not None and (merge.level, merge.first_seq, merge.last_seq) == (3, 1, 680)
+    assert [text for _, text in merge.parts] == ["y" * 600] * 2 and merge.seqs == [640, 680]
+    from memory.summarize import summaries_room
+
+    assert summaries_room() == settings.memory_budget_tokens - 2 * 32  # the defaults: 448 tokens
+
+
 def test_two_workers_never_summarise_the_same_range() -> None:
     conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     _lines(conv, 30)
