@@ -413,6 +413,9 @@ class Settings(BaseSettings):
     # Completion callbacks are POSTed with an HMAC-SHA256 signature made with this secret; a batch
     # may ask for a callback only when it is set.
     callback_secret: SecretStr | None = Field(default=None, repr=False)
+    # The secret being retired: each callback is signed with both while it is set (a second v1/v2
+    # pair), so each receiver moves to its new tenant secret in its own time; unset once all have.
+    callback_secret_previous: SecretStr | None = Field(default=None, repr=False)
     # Signs the writers' desk's sessions with the key's digest (api/routes/desk.py): without it, a
     # reader of MLCHAT_API_KEYS, where a hashed key's digest is, could forge a session of that key.
     desk_secret: SecretStr | None = Field(default=None, repr=False)
@@ -702,12 +705,12 @@ class Settings(BaseSettings):
     def _log_level_any_case(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("callback_secret", "desk_secret", mode="before")
+    @field_validator("callback_secret", "callback_secret_previous", "desk_secret", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("callback_secret", "desk_secret")
+    @field_validator("callback_secret", "callback_secret_previous", "desk_secret")
     @classmethod
     def _secret_not_guessable(cls, value: SecretStr | None) -> SecretStr | None:
         # Every tenant holds an HMAC made with it (its callback secret, a desk session) beside the

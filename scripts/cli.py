@@ -921,12 +921,15 @@ def callbacks_secret(
     tenant: Annotated[str, typer.Option(help="an API key's tenant ('' for the CLI's own)")] = "",
 ) -> None:
     """Print the secret a tenant's callbacks are signed with, for its receivers to check them."""
-    from services.callbacks import tenant_secret
+    from services.callbacks import previous_tenant_secret, tenant_secret
 
     if settings.callback_secret is None:
         raise Refused("callbacks are off: set MLCHAT_CALLBACK_SECRET")
     _note_a_tenant_no_key_has(tenant, "its secret all the same:")
     _out(tenant_secret(tenant))
+    previous = previous_tenant_secret(tenant)
+    if previous is not None:
+        _err(f"note: while MLCHAT_CALLBACK_SECRET_PREVIOUS is set, callbacks are also signed with {previous}")
 
 
 # Said after a command that read or wrote a tenant no API key has (done all the same).

@@ -234,15 +234,33 @@ def tenant_secret(tenant: str) -> str:
     its own (GET /v1/callbacks/secret, `mlchat callbacks secret`), which checks its callbacks and no
     other's."""
     assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
-    master = settings.callback_secret.get_secret_value().encode()
-    return hmac.new(master, f"mlchat callbacks of {tenant}".encode(), hashlib.sha256).hexdigest()
+    return _derived(settings.callback_secret.get_secret_value(), tenant)
 
 
-def sign(body: bytes, secret: str, timestamp: int, delivery: str | None = None) -> str:
-    header = f"t={timestamp},v1={_digest(secret, f'{timestamp}.', body)}"
-    if delivery is not None:
-        assert "." not in delivery, "a delivery id holds no '.': it ends at the first one"
-        header += f",v2={_digest(secret, f'{timestamp}.{delivery}.', body)}"
+def previous_tenant_secret(tenant: str) -> str | None:
+    """`tenant`'s secret under MLCHAT_CALLBACK_SECRET_PREVIOUS, the one being retired (None: unset)."""
+    previous = settings.callback_secret_previous
+    return None if previous is None else _derived(previous.get_secret_value(), tenant)
+
+
+def _derived(master: str, tenant: str) -> str:
+    return hmac.new(master.encode(), f"mlchat callbacks of {tenant}".encode(), hashlib.sha256).hexdigest()
+
+
+def signing_secrets(tenant: str) -> list[str]:
+    """The secrets `tenant`'s callbacks are signed with: its own, and while a rotation lasts the one
+    being retired (review: a leaked secret could only be replaced for every receiver at once)."""
+    return [tenant_secret(tenant), *filter(None, [previous_tenant_secret(tenant)])]
+
+
+def sign(body: bytes, secrets: str | list[str], timestamp: int, delivery: str | None = None) -> str:
+    """`t=<timestamp>,v1=…[,v2=…]`, a v1 (and v2) for each secret, the current one first."""
+    header = f"t={timestamp}"
+    for secret in [secrets] if isinstance(secrets, str) else secrets:
+        header += f",v1={_digest(secret, f'{timestamp}.', body)}"
+        if delivery is not None:
+            assert "." not in delivery, "a delivery id holds no '.': it ends at the first one"
+            header += f",v2={_digest(secret, f'{timestamp}.{delivery}.', body)}"
     return header
 
 
@@ -254,22 +272,29 @@ def verify_signature(
     header: str, body: bytes, secret: str, *, delivery: str | None = None, tolerance_s: int = 300
 ) -> bool:
     """Whether `header` signs `body` with `secret`, made within `tolerance_s` of now; with `delivery`
-    (the request's `X-Mlchat-Delivery`), whether its v2 signs that delivery id too."""
+    (the request's `X-Mlchat-Delivery`), whether its v2 signs that delivery id too. Any of the
+    header's v1 (v2) values may match: during a rotation it carries one for each secret."""
     try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
-        timestamp = int(parts["t"])
+        parts = [item.split("=", 1) for item in header.split(",")]
+        found: dict[str, list[str]] = {}
+        for name, value in parts:
+            found.setdefault(name, []).append(value)
+        (stamp,) = found["t"]
+        timestamp = int(stamp)
     except (KeyError, ValueError):
         return False
     if abs(int(time.time()) - timestamp) > tolerance_s:  # as ints: a forged 400-digit t overflows a float
         return False
     if delivery is None:
-        expected, given = _digest(secret, f"{timestamp}.", body), parts.get("v1", "")
+        expected, given = _digest(secret, f"{timestamp}.", body), found.get("v1", [])
     elif "." in delivery:  # none is sent: one would move the body's head into the signed delivery id
         return False
     else:
-        expected, given = _digest(secret, f"{timestamp}.{delivery}.", body), parts.get("v2", "")
+        expected, given = _digest(secret, f"{timestamp}.{delivery}.", body), found.get("v2", [])
     # As bytes: compare_digest refuses a str with a character beyond ASCII (TypeError), a forged header's.
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
+    # Every value compared, so the time taken says nothing of which one matched.
+    matched = [hmac.compare_digest(expected.encode(), g.encode("utf-8", "surrogatepass")) for g in given]
+    return any(matched)
 
 
 def deliver(run_id: uuid.UUID) -> bool:
@@ -329,7 +354,8 @@ def send_once(
         record(f"not sent: {refused}", False)
         return False
     left = max(deadline - time.monotonic(), _POST_AT_LEAST_S)
-    error = post_signed(url, address, body, secret=tenant_secret(tenant), delivery=delivery, timeout=left)
+    secrets = signing_secrets(tenant)
+    error = post_signed(url, address, body, secret=secrets, delivery=delivery, timeout=left)
     if error == GONE:  # the receiver's word that the URL is gone for good: about 30 tries spared it
         record(f"{error}: the receiver says this URL is gone; not tried again", False)
         return False
@@ -370,7 +396,7 @@ def post_signed(
     address: Address,
     body: bytes,
     *,
-    secret: str,
+    secret: str | list[str],
     delivery: str,
     timeout: float | None = None,
 ) -> str | None:

@@ -105,3 +105,31 @@ def test_a_signature_header_with_characters_beyond_ascii_is_refused_not_an_error
     assert verify_signature(header, b"{}", "s")
     assert not verify_signature(header.split("v1=")[0] + "v1=é" + "0" * 63, b"{}", "s")
     assert not verify_signature("t=" + "9" * 400 + ",v1=00", b"{}", "s")  # no float overflow either
+
+
+def test_a_rotated_secret_signs_with_both_until_the_previous_is_unset(base_url, signing, monkeypatch) -> None:
+    """Callbacks review: a leaked secret could only be replaced for every receiver at the same
+    moment (each failing until its operator caught up). With MLCHAT_CALLBACK_SECRET_PREVIOUS, each
+    callback is signed with both, and each receiver moves to its new secret in its own time."""
+    old = _secret(base_url, A)
+    assert old["previous_secret"] is None
+    monkeypatch.setattr(settings, "callback_secret", SecretStr("the-operators-new-callback-secret"))
+    monkeypatch.setattr(settings, "callback_secret_previous", SecretStr(MASTER))
+    new = _secret(base_url, A)
+    assert new["previous_secret"] == old["secret"] and new["secret"] != old["secret"]
+    with receiving() as (url, received):
+        line = new_conversation() | {"message": "Rotate.", "callback_url": url}
+        (stored,) = producer.submit_turns(
+            [producer.TurnRequest(**line)], send=False, api_key="game-a", tenant="game-a"
+        )
+        with session_scope() as session:
+            cancel_turns(session=session, turn_ids=[stored.id])
+        assert deliver_turn(stored.id) is True
+        body, signature = received[-1]
+    assert signature.count("v1=") == 2
+    assert verify_signature(signature, body, new["secret"]) and verify_signature(
+        signature, body, old["secret"]
+    )
+    assert verify_signature(signature, body, new["secret"], delivery=str(stored.id))
+    assert verify_signature(signature, body, old["secret"], delivery=str(stored.id))
+    assert not verify_signature(signature, body, _secret(base_url, B)["secret"])

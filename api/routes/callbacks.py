@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from api.deps import Caller, needs
 from core.settings import settings
-from services.callbacks import SIGNATURE_HEADER, tenant_secret
+from services.callbacks import SIGNATURE_HEADER, previous_tenant_secret, tenant_secret
 
 router = APIRouter(prefix="/v1/callbacks", tags=["callbacks"])
 
@@ -19,6 +19,9 @@ class CallbackSecret(BaseModel):
     object: str = "callback_secret"
     tenant: str
     secret: str
+    # While MLCHAT_CALLBACK_SECRET_PREVIOUS is set: the tenant's secret being retired, which also
+    # signs each callback until the operator unsets it.
+    previous_secret: str | None = None
     signature_header: str = SIGNATURE_HEADER
 
 
@@ -32,4 +35,8 @@ def get_callback_secret(
         raise HTTPException(
             status.HTTP_409_CONFLICT, "callbacks are off: the server has no MLCHAT_CALLBACK_SECRET"
         )
-    return CallbackSecret(tenant=who.tenant, secret=tenant_secret(who.tenant))
+    return CallbackSecret(
+        tenant=who.tenant,
+        secret=tenant_secret(who.tenant),
+        previous_secret=previous_tenant_secret(who.tenant),
+    )
