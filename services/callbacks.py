@@ -114,9 +114,15 @@ def url_host(url: str) -> str:
 
 
 def vetted_address(url: str) -> Address:
-    """The address to connect to for `url`: every address its host resolves to must be public (not
-    loopback, private, link-local or reserved) unless MLCHAT_CALLBACK_ALLOW_PRIVATE is set, so an API
-    key cannot make the workers call into the network they run in. Raises RefusedDestination."""
+    """The first of vetted_addresses(url)."""
+    return vetted_addresses(url)[0]
+
+
+def vetted_addresses(url: str) -> list[Address]:
+    """The addresses to connect to for `url`, in the resolver's order: every address its host
+    resolves to must be public (not loopback, private, link-local or reserved) unless
+    MLCHAT_CALLBACK_ALLOW_PRIVATE is set, so an API key cannot make the workers call into the
+    network they run in. Raises RefusedDestination."""
     host = url_host(url)
     try:
         addresses = resolve(host)
@@ -137,7 +143,7 @@ def vetted_address(url: str) -> Address:
                 if _literal(host):  # an address, not a name: no lookup will move it (review)
                     raise RefusedDestination(_NOT_PUBLIC.format(host=host))
                 raise ResolvesInside(_NOT_PUBLIC.format(host=host))
-    return addresses[0]
+    return addresses
 
 
 def _literal(host: str) -> bool:
@@ -346,7 +352,7 @@ def send_once(
         raise CallbackFailed(unsigned)
     deadline = time.monotonic() + settings.callback_timeout_s  # the lookup and the POST, together
     try:
-        address = _vetted_in_time(url, settings.callback_timeout_s, tenant)
+        addresses = _vetted_in_time(url, settings.callback_timeout_s, tenant)
     except (ResolverUnavailable, Unresolved, ResolvesInside) as unavailable:  # vetted before: passing
         record(f"not sent: {unavailable}", True)
         raise CallbackFailed(str(unavailable)) from None
@@ -355,7 +361,7 @@ def send_once(
         return False
     left = max(deadline - time.monotonic(), _POST_AT_LEAST_S)
     secrets = signing_secrets(tenant)
-    error = post_signed(url, address, body, secret=secrets, delivery=delivery, timeout=left)
+    error = post_signed(url, addresses, body, secret=secrets, delivery=delivery, timeout=left)
     if error == GONE:  # the receiver's word that the URL is gone for good: about 30 tries spared it
         record(f"{error}: the receiver says this URL is gone; not tried again", False)
         return False
@@ -370,17 +376,17 @@ def send_once(
 _POST_AT_LEAST_S = 1.0  # a lookup that took nearly the whole timeout still leaves the POST this
 
 
-def _vetted_in_time(url: str, timeout: float, tenant: str) -> Address:
-    """vetted_address(url), or ResolverUnavailable once `timeout` s have passed (MLCHAT_CALLBACK_TIMEOUT_S
+def _vetted_in_time(url: str, timeout: float, tenant: str) -> list[Address]:
+    """vetted_addresses(url), or ResolverUnavailable once `timeout` s have passed (MLCHAT_CALLBACK_TIMEOUT_S
     bounds one delivery in all: a resolver that stopped answering held a delivery slot for its own
     timeouts, up to half a minute a try), or at once while `tenant`'s lookups left blocked hold its
     share of the pool (retried, as any lookup that did not answer)."""
     deadline = time.monotonic() + timeout
     if _DELIVERY_SHARES.hold(tenant, 1, wait_s=timeout, left_at_least_s=min(timeout / 2, 1.0)) == 0:
         raise ResolverUnavailable(f"host {url_host(url)!r}: this tenant's earlier lookups still hang")
-    future = _DELIVERY_SHARES.submit(tenant, vetted_address, url)
+    future = _DELIVERY_SHARES.submit(tenant, vetted_addresses, url)
     try:
-        return cast(Address, future.result(timeout=max(deadline - time.monotonic(), 0.0)))
+        return cast(list[Address], future.result(timeout=max(deadline - time.monotonic(), 0.0)))
     except TimeoutError:  # concurrent.futures' own, the builtin since Python 3.11
         _DELIVERY_SHARES.cancel(future, tenant)
         raise ResolverUnavailable(
@@ -393,29 +399,40 @@ GONE = "HTTP 410"  # a receiver's way to say "stop": the callback is not tried a
 
 def post_signed(
     url: str,
-    address: Address,
+    address: Address | list[Address],
     body: bytes,
     *,
     secret: str | list[str],
     delivery: str,
     timeout: float | None = None,
 ) -> str | None:
-    """POST `body` signed with `secret` to `url` once, over a connection to its vetted `address`,
-    within `timeout` s (MLCHAT_CALLBACK_TIMEOUT_S when not given); None when the receiver answered
-    2xx, else why not."""
+    """POST `body` signed with `secret` to `url` once, over a connection to its vetted `address`
+    (of several, the next tried when one cannot be connected to, as curl and browsers do: an IPv6
+    path blocked, one host of several down; review), within `timeout` s in all
+    (MLCHAT_CALLBACK_TIMEOUT_S when not given); None when the receiver answered 2xx, else why not."""
     timeout = settings.callback_timeout_s if timeout is None else timeout
+    deadline = time.monotonic() + timeout
     headers = {
         "content-type": "application/json",
         SIGNATURE_HEADER: sign(body, secret, int(time.time()), delivery),
         "X-Mlchat-Delivery": delivery,
     }
-    try:
-        status = post_pinned(url, address, content=body, headers=headers, timeout=timeout)
-        return None if 200 <= status < 300 else f"HTTP {status}"
-    except TimeoutError:
-        return f"no answer within MLCHAT_CALLBACK_TIMEOUT_S ({settings.callback_timeout_s:g} s in all)"
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"[:300]
+    addresses = address if isinstance(address, list) else [address]
+    error = "no address"
+    for i, each in enumerate(addresses):
+        left = deadline - time.monotonic() if i else timeout
+        if left <= 0:
+            break
+        try:
+            status = post_pinned(url, each, content=body, headers=headers, timeout=left)
+            return None if 200 <= status < 300 else f"HTTP {status}"
+        except TimeoutError:
+            return f"no answer within MLCHAT_CALLBACK_TIMEOUT_S ({settings.callback_timeout_s:g} s in all)"
+        except httpx.ConnectError as exc:  # nothing sent: the next address may take it
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+    return error if len(addresses) == 1 else f"{error} (every one of {len(addresses)} addresses tried)"
 
 
 def callback_refusal(url: str, *, resolve: bool = True) -> str | None:

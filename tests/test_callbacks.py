@@ -124,6 +124,27 @@ def test_a_delivery_keeps_the_host_header_of_the_url(services, receiver, monkeyp
     assert not verify_signature(signed.split(",v2=")[0], body, tenant_secret(""), delivery=delivery)
 
 
+def test_a_host_of_several_addresses_is_reached_at_the_next_when_one_refuses(
+    services, receiver, monkeypatch
+) -> None:
+    """Callbacks review: only the first address a host resolved to was tried, for every try of a
+    day: an AAAA whose path is blocked, or one host of several down, failed the callback where curl
+    and browsers reach the host at its next address."""
+    monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
+    real = socket.getaddrinfo
+
+    def two(name, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name != "two.test":
+            return real(name, port, *args, **kwargs)
+        # 127.0.0.2 first: loopback, where nothing listens on the receiver's port (refused at once)
+        return real("127.0.0.2", port, *args, **kwargs) + real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two)
+    run_id = _run_calling_back(f"http://two.test:{receiver}/hook")
+    assert deliver(run_id) is True
+    assert len(_Receiver.calls) == 1 and _Receiver.calls[0][0]["host"] == f"two.test:{receiver}"
+
+
 def test_a_receiver_answering_410_is_not_called_again(services, receiver, monkeypatch) -> None:
     """Callbacks review: every non-2xx was retried alike, about thirty tries over a day; a receiver
     had no way to say "stop". A 410 Gone is not tried again."""
@@ -1182,7 +1203,13 @@ def _lookups_hang(monkeypatch, marker: str, budget_s: float | None = None) -> th
             release.wait(10)
         return "1.1.1.1"
 
+    real_all = callbacks.vetted_addresses
+
+    def lookups(url: str) -> Any:  # the delivery's: every address
+        return real_all(url) if ".example.test/" not in url else [lookup(url)]
+
     monkeypatch.setattr(callbacks, "vetted_address", lookup)
+    monkeypatch.setattr(callbacks, "vetted_addresses", lookups)
     if budget_s is not None:
         monkeypatch.setattr(callbacks, "RESOLVE_BUDGET_S", budget_s)
     return release
@@ -1323,7 +1350,7 @@ def test_a_tenants_deliveries_whose_lookups_hang_hold_its_own_share_of_the_deliv
                 callbacks._vetted_in_time("https://never.example.test/hook", 0.1, "stuck-game")
         with pytest.raises(callbacks.ResolverUnavailable, match="this tenant's earlier lookups still hang"):
             callbacks._vetted_in_time("https://never.example.test/hook", 0.1, "stuck-game")
-        assert str(callbacks._vetted_in_time("https://fine.example.test/hook", 5, "other-game")) == "1.1.1.1"
+        assert callbacks._vetted_in_time("https://fine.example.test/hook", 5, "other-game") == ["1.1.1.1"]
     finally:
         release.set()
     deadline = time.monotonic() + 15
