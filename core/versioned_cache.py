@@ -15,10 +15,10 @@ V = TypeVar("V")
 class VersionedCache(Generic[V]):
     def __init__(self, kept: int) -> None:
         self.kept = kept
-        self._values: dict[Hashable, tuple[int, V]] = {}
+        self._values: dict[Hashable, tuple[Hashable, V]] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, version: int, make: Callable[[], V]) -> V:
+    def get(self, key: Hashable, version: Hashable, make: Callable[[], V]) -> V:
         """The value for `key` made at `version`, made now if it is not held."""
         with self._lock:
             held = self._values.get(key)

@@ -159,6 +159,14 @@ class Character(Base):
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
 
+    @property
+    def cache_stamp(self) -> tuple[int, datetime | None]:
+        """What a process's per-character caches are keyed on beside the id: its version, and when
+        it was written (review: a restore from a backup winds ids and versions back, and a process
+        running through it served another character's lore, actions and persona under the same id
+        and version)."""
+        return (self.version, self.updated_at)
+
 
 class Conversation(Base):
     """One player's thread with one character, keyed by the game's own id within its tenant."""

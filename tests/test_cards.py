@@ -322,6 +322,42 @@ def test_a_reimported_card_bumps_the_version_and_workers_use_its_new_lore(world,
     assert "River" in fired("Tell me about the lake.")[0]
 
 
+def test_a_character_restored_to_an_earlier_version_is_not_served_from_a_workers_cache(
+    world, tokenizer
+) -> None:
+    """Disaster-recovery review: a worker's per-character caches (lore, NPC actions, persona vector)
+    were keyed on the id and version, which a restore from a backup winds back: a process running
+    through the restore served the old content under the same id and version."""
+    from sqlalchemy import func, update
+
+    from core.settings import settings
+    from db.models import Character
+    from db.retrieval import TurnContext
+    from worker.prompt import PromptBuilder, PromptInput
+
+    card = json.loads((CARDS / "mira_v2.json").read_bytes())
+    slug = import_card(json.dumps(card).encode(), f"mira-restore-{uuid.uuid4().hex[:6]}").slug
+    builder = PromptBuilder(tokenizer, "chat_template", settings.max_model_len)
+
+    def fired(message: str) -> list[str]:
+        with session_scope() as session:
+            character = get_character(session=session, slug=slug)
+            built = builder.build(PromptInput(character, "Rowan", message, TurnContext(), 32))
+            return [entry["name"] for entry in built.manifest["lore"]]
+
+    assert "River" in fired("Tell me about the river.")
+    with session_scope() as session:  # as a restore leaves it: other lore, the same id and version
+        moved = json.loads(json.dumps(get_character(session=session, slug=slug).lorebook))
+        moved["entries"][0]["keys"] = ["lake"]
+        session.execute(
+            update(Character)
+            .where(Character.slug == slug)
+            .values(lorebook=moved, version=Character.version, updated_at=func.now())
+        )
+    assert "River" not in fired("Tell me about the river.")
+    assert "River" in fired("Tell me about the lake.")
+
+
 def test_an_example_reply_on_several_lines_is_kept_whole() -> None:
     """Found in review: lines of an example without a `{{user}}:`/`{{char}}:` marker were dropped,
     so a reply's speech on the line after its action was lost."""

@@ -62,7 +62,7 @@ def _persona_vector(character: Character) -> np.ndarray:
         text = persona_text(character.description, character.personality, character.example_dialogues)
         return embed([text or character.name])[0]
 
-    return _persona_vectors.get(character.id, character.version, make)
+    return _persona_vectors.get(character.id, character.cache_stamp, make)
 
 
 def gate() -> Bar:

@@ -71,7 +71,7 @@ def tokens_per_char(character: Character | None) -> int:
         parts = (character.name, character.description, character.personality, character.scenario)
         return written_wide(" ".join(p for p in parts if p))
 
-    wide = read() if character.id is None else _wide.get(character.id, character.version, read)
+    wide = read() if character.id is None else _wide.get(character.id, character.cache_stamp, read)
     return 3 if wide else 1
 
 
@@ -165,7 +165,7 @@ def declared_actions(character: Character) -> list[dict[str, Any]] | None:
 
     if character.id is None:  # not stored: nothing to key it by
         return read()
-    return _declared.get(character.id, character.version, read)
+    return _declared.get(character.id, character.cache_stamp, read)
 
 
 def say_chars(max_new_tokens: int, per_char: int = 1) -> int:

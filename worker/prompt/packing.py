@@ -228,7 +228,9 @@ class PromptBuilder:
         """The character's lorebook, validated (regexes compiled) once per character version."""
         if character.id is None:  # not stored (tests build characters in memory)
             return stored_lorebook(character.lorebook)
-        return self._books.get(character.id, character.version, lambda: stored_lorebook(character.lorebook))
+        return self._books.get(
+            character.id, character.cache_stamp, lambda: stored_lorebook(character.lorebook)
+        )
 
     def _lore(
         self, item: PromptInput, char: str, user: str, clean: Callable[[str], str]
