@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from core.settings import settings
 
@@ -27,6 +28,15 @@ class OneLineErrors(logging.Formatter):
         return f"{line} ({type(exc).__name__}{': ' + said if said else ''})"
 
 
+def line_formatter(*, one_line: bool) -> logging.Formatter:
+    """The lines' formatter: times in UTC, said so (a fleet's lines from hosts of other zones line
+    up; review); `one_line`: a logged exception as one line."""
+    formatter = OneLineErrors(FORMAT) if one_line else logging.Formatter(FORMAT)
+    formatter.converter = time.gmtime
+    formatter.default_msec_format = "%s.%03dZ"
+    return formatter
+
+
 _installed: list[logging.Handler] = []  # the handler this module put on the root logger, if any
 
 
@@ -36,7 +46,7 @@ def configure_logging(level: str | None = None, *, tracebacks: bool = True) -> N
     or `mlchat api`, whose own start configures it for a long-running process), it sets the level
     and formatter of the handler it installed; a root logger another set up (pytest's) is left."""
     chosen = (level or settings.log_level).upper()
-    formatter = logging.Formatter(FORMAT) if tracebacks or chosen == "DEBUG" else OneLineErrors(FORMAT)
+    formatter = line_formatter(one_line=not tracebacks and chosen != "DEBUG")
     if _installed:
         _installed[0].setFormatter(formatter)
         logging.getLogger().setLevel(chosen)

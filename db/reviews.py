@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import case, cast, func, literal, or_, select, update
@@ -263,7 +262,7 @@ def _bump(session: Session, turn: Turn, version: int, by: str, **values: Any) ->
     new_version = session.scalar(
         update(TurnReview)
         .where(TurnReview.turn_id == turn.id, TurnReview.version == version)
-        .values(version=TurnReview.version + 1, updated_by=by, updated_at=datetime.now(UTC), **values)
+        .values(version=TurnReview.version + 1, updated_by=by, updated_at=func.now(), **values)
         .returning(TurnReview.version)
         .execution_options(synchronize_session=False)
     )

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -493,7 +494,8 @@ def run_list(limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50) -> Non
 
     with session_scope() as session:
         for r in list_runs(session=session, limit=limit):
-            _out(f"{r.id}  {r.name:30} {r.status.value:12} total={r.total}  {r.created_at:%Y-%m-%d %H:%M}")
+            made = r.created_at.astimezone(UTC)  # the session's zone otherwise, unnamed (review)
+            _out(f"{r.id}  {r.name:30} {r.status.value:12} total={r.total}  {made:%Y-%m-%d %H:%M} UTC")
 
 
 @run_app.command("export")

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -338,7 +338,7 @@ def _submit_batch(name: str) -> None:
         run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
         if run is None or run.input_file_id is None:
             return
-        run_id, file_id, callback, created_at = run.id, run.input_file_id, run.callback_url, run.created_at
+        run_id, file_id, callback = run.id, run.input_file_id, run.callback_url
     attempt: int | None = None  # unknown until counted: the database may be what broke
     counting = False  # the try's count was written (its commit's answer may still be lost)
     try:
@@ -385,8 +385,21 @@ def _submit_batch(name: str) -> None:
         if failed and callback:
             send_callback(run_id)
     except Exception as exc:
-        waited_s = (datetime.now(UTC) - created_at).total_seconds()
-        _retry_later(run_id, name, callback, attempt, exc, waited_s, counted=counting)
+        _retry_later(run_id, name, callback, attempt, exc, _waited_s(run_id), counted=counting)
+
+
+def _waited_s(run_id: uuid.UUID) -> float:
+    """Since the batch was created, on the database's clock alone (review: this host's clock less the
+    database's, minutes off on a skewed host, stretched or cut the back-off); 0 when the database
+    cannot say (what broke the try may be it)."""
+    try:
+        with session_scope() as session:
+            waited = session.scalar(
+                select(func.extract("epoch", func.now() - Run.created_at)).where(Run.id == run_id)
+            )
+    except DATABASE_OUTAGES:
+        return 0.0
+    return max(float(waited or 0.0), 0.0)
 
 
 POSTPONE_WITHIN_S = 30.0  # how long a stopped try's postponement waits for the database

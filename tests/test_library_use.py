@@ -147,3 +147,27 @@ def test_waiting_for_a_reply_reads_less_often_as_it_waits_and_without_the_prompt
     assert time.monotonic() - started >= 3
     assert not any(reads), reads  # none read its prompt
     assert len(reads) <= 7, len(reads)  # 0, 0.1, 0.3, 0.7, 1.5, 2.5, 3.0 s: not thirty
+
+
+def test_times_a_fleet_reads_are_utc_and_say_so(world, capsys) -> None:
+    """Clocks review: `mlchat run list` printed a run's time in the database session's zone with no
+    zone named, and log lines carried local time with no offset: a fleet's lines from hosts of other
+    zones did not line up."""
+    import logging
+    import re
+
+    from core.logging import line_formatter
+    from db.runs import create_run
+    from scripts.cli import main as cli
+
+    name = f"utc-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:
+        create_run(session=s, name=name, model="m", file_hash="h", total=0)
+    assert cli(["run", "list"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if name in x]
+    assert re.search(r" \d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC$", line), line
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+    record.created, record.msecs = 3600.0 * 9, 0.0  # 09:00 UTC, whatever this host's zone
+    for one_line in (False, True):
+        said = line_formatter(one_line=one_line).format(record)
+        assert said == "1970-01-01 09:00:00.000Z INFO x: hello", said
