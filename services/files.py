@@ -537,6 +537,11 @@ _OURS = regex.compile(
 REWRITE_SCRATCH = regex.compile(r"\.(file-[0-9a-f]{24})\.jsonl\.[0-9a-f]{32}\.tmp")
 
 
+# How far a file's writer's clock may be behind the database's, for the orphan sweep: an unrecorded file
+# written this long before the oldest running finalizing began is kept as if it were that try's.
+CLOCKS_APART_S = 1800.0
+
+
 def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S, rewrites: list[Path] | None = None) -> list[str]:
     """Delete the files folder's unrecorded bytes and scratch files older than `older_than_s`; their
     names. Only names mlchat writes are touched. A rewrite's scratch that old is left in place, and
@@ -570,8 +575,10 @@ def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S, rewrites: list[Path]
             finalizing = oldest_finalizing_since(session=session)
         # A finalizing that runs past the hour (a batch of millions on a busy database) writes into
         # files it records only at its end, whose mtime a buffered writer may not move: one made since
-        # the oldest running finalizing began may be its (a minute of slack for the hosts' clocks).
-        since = None if finalizing is None else finalizing.timestamp() - 60
+        # the oldest running finalizing began may be its. A file's time is its writer's clock (or its
+        # NFS server's), the finalizing's the database's: a minute of slack lost a batch's empty error
+        # file to a writer two minutes behind, every try until it failed (review).
+        since = None if finalizing is None else finalizing.timestamp() - CLOCKS_APART_S
         scratch += [
             path
             for file_id, (path, mtime) in named.items()

@@ -2122,15 +2122,17 @@ def test_a_finalizings_unrecorded_files_are_spared_by_the_orphan_sweep_however_l
     root = settings.batch_files_dir
     root.mkdir(parents=True, exist_ok=True)
     writing, dead = root / f"file-{uuid.uuid4().hex[:24]}.jsonl", root / f"file-{uuid.uuid4().hex[:24]}.jsonl"
+    behind = root / f"file-{uuid.uuid4().hex[:24]}.jsonl"  # its writer's clock 2 minutes behind (review)
     for path, age_s in (
         (writing, 5400),
+        (behind, 7200 + 120),
         (dead, 10 * 86400),
     ):  # made after the finalizing began, or long before
         path.write_text("x")
         then = datetime.now(UTC).timestamp() - age_s
         os.utime(path, (then, then))
     delete_orphan_files()
-    assert writing.exists() and not dead.exists()
+    assert writing.exists() and behind.exists() and not dead.exists()
     with session_scope() as s:  # finished: what is still unrecorded is no one's
         s.execute(update(Run).where(Run.id == sub.id).values(status=RunStatus.COMPLETED))
     assert writing.name in delete_orphan_files() or not writing.exists()
