@@ -1500,3 +1500,23 @@ def test_the_sweep_removes_copies_no_registration_names_once_a_day_old(world, tm
     assert registry.remove_superseded() == 0 and registered.is_dir()
     os.utime(registered, (two_days_ago, two_days_ago))  # a day and more on
     assert registry.remove_superseded() == 1 and not registered.exists()
+
+
+def test_a_registered_copy_gone_from_a_readable_adapters_folder_fails_at_once(tmp_path) -> None:
+    """Disaster-recovery review: a registration whose copy is gone (the state folder lost, a restore
+    to a registration the sweep had removed the copy of) was a passing failure: each turn was looked
+    at again a minute apart, about twelve minutes, its conversation waiting behind it. An empty or
+    unreadable folder (a volume briefly away) still passes."""
+    from worker import engine as engine_module
+    from worker.engine import Adapter
+
+    root = tmp_path / "adapters"
+    root.mkdir()
+    gone = Adapter("mira@v3", 3, str(root / "mira-v3-0123abcd"))
+    state = engine_module._try_add_lora(gone)  # an empty folder: perhaps a volume not mounted yet
+    assert state.error is not None and state.retry_at is not None
+    (root / "luffy-v1-89abcdef").mkdir()  # the folder is there, holding other copies
+    state = engine_module._try_add_lora(gone)
+    assert state.retry_at is None and "is gone from the adapters folder; register the adapter again" in (
+        state.error or ""
+    )

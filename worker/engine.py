@@ -501,6 +501,9 @@ def _passing(error: str) -> _AdapterState:
 def _try_add_lora(adapter: Adapter) -> _AdapterState:
     from services.lora.engine_check import engine_refusal
 
+    gone = _folder_gone(adapter)
+    if gone is not None:
+        return gone
     config = _adapter_config(adapter.path)
     if isinstance(config, str):
         return _passing(f"adapter {adapter.name} at {adapter.path}: {config}")
@@ -559,6 +562,24 @@ def _engine_lora_rank() -> int | None:
     config = getattr(get_engine().llm.llm_engine, "vllm_config", None)
     rank = getattr(getattr(config, "lora_config", None), "max_lora_rank", None)
     return int(rank) if rank is not None else None
+
+
+def _folder_gone(adapter: Adapter) -> _AdapterState | None:
+    """Final when the adapters' folder is there and holds copies but not this one (a state folder
+    lost, a database restored to a registration whose copy the sweep removed): each of its turns
+    was looked at again a minute apart, about twelve minutes a turn, its conversation waiting behind
+    it (review). An empty or unreadable folder may be a volume briefly away: None, for the load's
+    own passing failure."""
+    folder = Path(adapter.path)
+    try:
+        if folder.exists() or not any(folder.parent.iterdir()):
+            return None
+    except OSError:
+        return None
+    return _AdapterState(
+        f"adapter {adapter.name}: its copy {adapter.path} is gone from the adapters folder; register"
+        " the adapter again (`mlchat lora register`), or unregister it"
+    )
 
 
 def _adapter_config(path: str) -> dict[str, Any] | str:
