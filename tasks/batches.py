@@ -13,15 +13,39 @@ lease lapses) waits unacked in celery-batches' buffer until due, and kombu count
 worker's prefetch. Celery's own strategy raises the prefetch by one for each such message until it
 runs; 0.11 does not, so a few dozen of them stopped the worker taking anything, live messages
 included, until they came due. Here each raises it on arrival and lowers it once flushed.
+
+Celery makes a countdown an ETA on the sender's clock, kept by the receiver's: a sender minutes ahead
+made the receiver hold a 0.1 s deferral for minutes (clocks review). A message whose sender wrote its
+countdown (COUNTDOWN_HEADER) is held no longer than that countdown from its arrival.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Collection
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery_batches import Batches
+
+COUNTDOWN_HEADER = "mlchat_countdown"  # seconds, as the sender meant them
+
+
+def held_no_longer_than_its_countdown(headers: dict[str, Any]) -> None:
+    """The message's ETA, brought back to its countdown from now where the sender's clock put it
+    later (the sender ahead of this host); one earlier is kept (the message may have waited)."""
+    countdown, eta = headers.get(COUNTDOWN_HEADER), headers.get("eta")
+    if not isinstance(countdown, int | float) or not isinstance(eta, str):
+        return
+    try:
+        due = datetime.fromisoformat(eta)
+    except ValueError:
+        return
+    if due.tzinfo is None:
+        due = due.replace(tzinfo=UTC)
+    latest = datetime.now(UTC) + timedelta(seconds=max(float(countdown), 0.0))
+    if due > latest:
+        headers["eta"] = latest.isoformat()
 
 
 class ReconnectSafeBatches(Batches):
@@ -47,7 +71,9 @@ class ReconnectSafeBatches(Batches):
         def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
             tag = getattr(message, "delivery_tag", None)
             qos = consumer.qos  # set after the strategies are built, and anew on each reconnect
-            eta = (getattr(message, "headers", None) or {}).get("eta")
+            headers = getattr(message, "headers", None) or {}
+            held_no_longer_than_its_countdown(headers)
+            eta = headers.get("eta")
             later = tag is not None and qos is not None and bool(eta)
             if later:
                 qos.increment_eventually()

@@ -31,6 +31,7 @@ from core.now_and_then import NowAndThen
 from core.settings import Lane, queue_for_model, settings
 from tasks.admission import BulkGatedBatches, bulk_gate, bulk_turns_in, deferred
 from tasks.app import app, within_visibility
+from tasks.batches import COUNTDOWN_HEADER
 from tasks.events import TurnEvents
 
 logger = logging.getLogger(__name__)
@@ -495,6 +496,8 @@ def dispatch(
                 argsrepr="()",
                 kwargsrepr=repr(kwargs),
             )
+            if countdown:  # what the receiver holds it at most from its arrival (tasks/batches.py)
+                message.headers[COUNTDOWN_HEADER] = countdown
             app.amqp.send_task_message(producer, TASK_NAME, message, queue=queue, declare=[])
             if sent is not None:
                 sent.extend(turn_ids[start : start + per_message])

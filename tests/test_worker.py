@@ -477,3 +477,30 @@ def test_a_turn_of_another_model_on_this_workers_queue_goes_to_its_own_models_qu
         assert any(f"turns of {other} reached this worker of {settings.model}" in m for m in said), said
     finally:
         redis.Redis.from_url(broker_url()).delete(queue_for_model(other, "live"))
+
+
+def test_a_turn_sent_for_later_by_a_worker_whose_clock_is_ahead_is_held_its_countdown_not_the_skew(
+    celery_worker,
+) -> None:
+    """Clocks review: Celery makes a countdown an ETA on the sender's clock, and the receiver held
+    the message until then on its own: a 0.1 s deferral sent by a worker 10 minutes ahead waited 10
+    minutes. Held no longer than its countdown from its arrival."""
+    from datetime import UTC, datetime, timedelta
+
+    from tasks.app import app
+    from tasks.batches import COUNTDOWN_HEADER
+    from tasks.generate import TASK_NAME
+    from tasks.queues import queue_for_model
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Are you there, friend?"}], send=False)
+    kwargs = {"turn_ids": [str(turn_id)], "model": settings.model, "lane": "live"}
+    ahead = datetime.now(UTC) + timedelta(minutes=10)  # the sending worker's clock
+    message = app.amqp.create_task_message(
+        str(uuid.uuid4()), TASK_NAME, (), kwargs, countdown=0.5, now=ahead, ignore_result=True
+    )
+    message.headers[COUNTDOWN_HEADER] = 0.5
+    with app.producer_or_acquire() as producer:
+        app.amqp.send_task_message(
+            producer, TASK_NAME, message, queue=queue_for_model(settings.model, "live")
+        )
+    assert wait_for_reply(turn_id, timeout=120).status == TurnStatus.DONE  # not ten minutes
