@@ -1151,8 +1151,14 @@ def submission_alive(*, session: Session, name: str) -> bool:
 
 
 def _stored_or_sent_since(cutoff: Any) -> Any:
-    """A run's turn stored or sent after `cutoff` (its submitter storing on; a worker's re-send too)."""
-    return exists().where(Turn.run_id == Run.id, or_(Turn.created_at > cutoff, Turn.dispatched_at > cutoff))
+    """A run's turn stored or sent after `cutoff` (its submitter storing on; a worker's re-send too).
+    Not a scene's later step, which a worker's store makes and sends: a dead submitter's scene run
+    stayed `validating` for as long as its stored scenes went on stepping (scenes review)."""
+    return exists().where(
+        Turn.run_id == Run.id,
+        or_(Turn.scene_step.is_(None), Turn.scene_step <= 1),
+        or_(Turn.created_at > cutoff, Turn.dispatched_at > cutoff),
+    )
 
 
 def submission_went_on(*, session: Session, run_id: uuid.UUID, within_s: float) -> bool:

@@ -1622,6 +1622,32 @@ def test_a_scene_of_a_run_whose_submitter_died_goes_on_and_a_resume_finishes_it(
     assert _run_status(run_id) == RunStatus.COMPLETED
 
 
+def test_a_scene_run_whose_submitter_died_is_found_abandoned_while_its_scenes_step_on(world) -> None:
+    """Scenes review: each stored step makes and sends the next, and the sweeper took those for its
+    submitter storing on: a dead submitter's scene run stayed `validating` while its scenes stepped,
+    hours for long scenes (the README says it is `failed` meanwhile)."""
+    from sqlalchemy import text, update
+
+    from db.runs import abandoned_submissions
+
+    run_id = _new_run({"orphan": _scene(exchanges=3)}, finish=False)
+    scene_id = _scene_id(run_id, "orphan")
+    _answer(_open_step(scene_id), "step one")  # a worker's store: step 2 made and stamped now
+    with session_scope() as s:  # the submitter stored its line two minutes ago, then died
+        two_minutes_ago = func.now() - text("interval '2 minutes'")
+        s.execute(update(Run).where(Run.id == run_id).values(created_at=two_minutes_ago))
+        s.execute(
+            update(Turn)
+            .where(Turn.run_id == run_id, Turn.scene_step == 1)
+            .values(created_at=two_minutes_ago, dispatched_at=two_minutes_ago)
+        )
+        s.execute(
+            update(Turn).where(Turn.run_id == run_id, Turn.scene_step == 2).values(dispatched_at=func.now())
+        )
+    with session_scope() as s:
+        assert run_id in [r.id for r in abandoned_submissions(session=s, older_than_s=60)]
+
+
 def test_a_step_stored_while_a_cancel_runs_is_cancelled_at_claim_never_generated(world) -> None:
     """A store holds the run (its next step inserted, not committed) when a cancel starts: the cancel's
     turn UPDATE misses that step, which then stays queued; its claim cancels it instead of running it."""
