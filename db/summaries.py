@@ -262,15 +262,29 @@ WHERE NOT EXISTS (
         SELECT 1 FROM summaries s2 WHERE s2.conversation_id = c.id AND s2.merged_into IS NULL
         GROUP BY s2.level HAVING count(*) >= :fanout
     )
+    -- past the prompt's room for them: the two oldest are merged (next_summary_work's budget_tokens)
+    OR (CAST(:room AS int) IS NOT NULL AND EXISTS (
+        SELECT 1 FROM summaries s3 WHERE s3.conversation_id = c.id AND s3.merged_into IS NULL
+        HAVING count(*) >= 2 AND sum(length(s3.text) / {CHARS_PER_TOKEN} + {PROMPT_ITEM_OVERHEAD_TOKENS})
+            > CAST(:room AS int)
+    ))
 )
 """  # noqa: S608 (a constant of db/memory_lines.py, no input)
 )
 
 
 def conversations_due(
-    *, session: Session, conversation_ids: Sequence[int], recent_n: int, threshold_tokens: int, fanout: int
+    *,
+    session: Session,
+    conversation_ids: Sequence[int],
+    recent_n: int,
+    threshold_tokens: int,
+    fanout: int,
+    budget_tokens: int | None = None,
 ) -> list[int]:
-    """The conversations whose summary job is due and not in flight."""
+    """The conversations whose summary job is due and not in flight (`budget_tokens`: as for
+    next_summary_work, a merge of the two oldest is due past it: review, none was scheduled, and a
+    conversation gone quiet kept its middle out of the prompt)."""
     if not conversation_ids:
         return []
     return list(
@@ -281,6 +295,7 @@ def conversations_due(
                 "recent_n": recent_n,
                 "chars": threshold_tokens * CHARS_PER_TOKEN,
                 "fanout": fanout,
+                "room": budget_tokens,
             },
         )
     )

@@ -23,6 +23,7 @@ from db.memory_jobs import (
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import conversations_due
+from memory.summary_room import summaries_room
 from services.characters import CHAT_COPY, INLINE_COPY
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
                     recent_n=settings.recent_history,
                     threshold_tokens=settings.memory_summary_threshold_tokens,
                     fanout=settings.memory_summary_fanout,
+                    budget_tokens=summaries_room(),
                 )
             ]
         if EXTRACT in kinds:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from core.settings import PROMPT_ITEM_OVERHEAD_TOKENS, settings
+from core.settings import settings
 from db.memory_jobs import (
     MEMORY_JOB_DEATHS,
     SUMMARY,
@@ -26,6 +26,7 @@ from db.summaries import SummaryWork, next_summary_work, store_summary
 from db.world import conversation_for_memory
 from memory.claim import claiming, keeping, released
 from memory.prompts import Speakers, dialogue, loaded_builder, speakers
+from memory.summary_room import summaries_room
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +44,6 @@ MERGE_INSTRUCTIONS = (
 # (system, user, max_tokens, alone) -> the model's text; the engine by default, any callable in a
 # script. `alone`: in an otherwise empty engine (the job's request was inside one that died).
 Generate = Callable[[str, str, int, bool], str]
-
-
-# What the prompt's two best facts take of the memory budget, as the packing ranks them right after
-# the oldest and the newest summaries (a fact's line: about 20 tokens and its count's overhead).
-FACT_ROOM_TOKENS = 32
-
-
-def summaries_room() -> int:
-    """The memory budget's tokens the summaries not merged may take: past it the two oldest are
-    merged, so that every prompt shows the whole conversation, coarser as it grows, never its middle
-    dropped (it holds at least one summary: the settings check that one fits)."""
-    facts = min(2, settings.memory_facts_k) * FACT_ROOM_TOKENS
-    one = settings.memory_summary_max_tokens + PROMPT_ITEM_OVERHEAD_TOKENS
-    return max(settings.memory_budget_tokens - facts, one)
 
 
 def _engine_generate(system: str, user: str, max_tokens: int, alone: bool) -> str:

@@ -229,7 +229,7 @@ class Lorebook(BaseModel):
                         position=e.get("position") or "after_char",
                         exclude_recursion=_or_default(ext.get("exclude_recursion"), False),
                         prevent_recursion=_or_default(ext.get("prevent_recursion"), False),
-                        delay_until_recursion=_or_default(ext.get("delay_until_recursion"), False),
+                        delay_until_recursion=_delay_level(ext.get("delay_until_recursion")),
                         scan_depth=ext.get("scan_depth"),
                     )
                 )
@@ -250,6 +250,16 @@ class Lorebook(BaseModel):
             )
         except ValidationError as exc:
             raise ValueError(first_error(exc)) from None
+
+
+def _delay_level(value: Any) -> Any:
+    """SillyTavern's `delay_until_recursion`: true/false, or a recursion level (1, 2, …): any level
+    delays the entry to a recursion step (review: a level refused the whole card)."""
+    if value is None:
+        return False
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value > 0
+    return value
 
 
 def _or_default(value: Any, default: Any) -> Any:
@@ -472,7 +482,11 @@ def _plain_key(key: str, case_sensitive: bool) -> str:
 
 def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bool:
     key = budget.filled(key)
+    if not key.strip():  # filled to nothing ({{// …}}, {{trim}}): no key, as an empty one never matches
+        return False
     parsed = budget.as_regex(key)
+    if parsed is None and not entry.use_regex:
+        key = key.strip()  # a plain key trimmed once filled, as SillyTavern trims it
     if parsed is not None or entry.use_regex:
         pattern, flags = parsed if parsed is not None else (key, "")
         if parsed is not None:  # a `/…/` key's flags are its own, as SillyTavern reads it
@@ -510,10 +524,11 @@ def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bo
     return plain in source.text if entry.case_sensitive else plain in source.folded
 
 
-def _secondary_ok(entry: LoreEntry, scanned: _Text, budget: KeyBudget) -> bool:
+def _secondary_ok(entry: LoreEntry, scanned: Callable[[], _Text], budget: KeyBudget) -> bool:
     if not (entry.selective and entry.secondary_keys):
         return True
-    hits = [_matches(k, scanned, entry, budget) for k in entry.secondary_keys]
+    joined = scanned()
+    hits = [_matches(k, joined, entry, budget) for k in entry.secondary_keys]
     return {
         SelectiveLogic.AND_ANY: any(hits),
         SelectiveLogic.AND_ALL: all(hits),
@@ -540,10 +555,10 @@ def activate(
     (its primary key in the chat, its secondary one in another entry's content fires it there), and
     the entries' content is read filled ({{user}} as the player's name), as SillyTavern reads them."""
     deepest = max([book.scan_depth, *(e.scan_depth or 0 for e in book.entries)])
-    chat_said = [("the player's message", message)] + [
-        (f"history line -{i}", line)
-        for i, line in enumerate(reversed(history[-(deepest - 1) :] if deepest > 1 else []), 1)
-    ]
+    # An empty message (a scene's or the narrator's step: no player line) is no message read.
+    said = [("the player's message", message)] if message else []
+    said += [(f"history line -{i}", line) for i, line in enumerate(reversed(history), 1)]
+    chat_said = said[:deepest]
     chat = [_Text.of(where, text) for where, text in chat_said]  # each text prepared once a turn
     candidates = [e for e in book.entries if e.enabled and e.content]
     fired = [(e, "constant") for e in candidates if e.constant]
@@ -634,13 +649,23 @@ def _scan(
     keys ran out (recorded in `failed`). Entries delayed until recursion wait out step 0; those
     excluded from it, every later step. Linear in the entries: a book of thousands is scanned once
     per step, its texts casefolded once."""
-    reads: dict[int, tuple[list[_Text], _Text]] = {}  # by scan depth: a book's entries share a few
+    # By the chat messages read (at most the chat's: a card's entries of a thousand depths share a
+    # few; review), the texts and, made only once a secondary key asks, their join.
+    reads: dict[int, tuple[list[_Text], Callable[[], _Text]]] = {}
 
-    def read_at(own: int) -> tuple[list[_Text], _Text]:
-        if own not in reads:
-            read = [*texts[: min(own, chat)], *texts[chat:]]
-            reads[own] = read, _Text.of("", "\n".join(t.text for t in read))
-        return reads[own]
+    def read_at(own: int) -> tuple[list[_Text], Callable[[], _Text]]:
+        n = min(own, chat)
+        if n not in reads:
+            read = [*texts[:n], *texts[chat:]]
+            joined: list[_Text] = []
+
+            def scanned() -> _Text:
+                if not joined:
+                    joined.append(_Text.of("", "\n".join(t.text for t in read)))
+                return joined[0]
+
+            reads[n] = read, scanned
+        return reads[n]
 
     hits, left = [], []
     for entry in waiting:
@@ -661,7 +686,9 @@ def _scan(
     return hits
 
 
-def _first_hit(entry: LoreEntry, texts: Sequence[_Text], scanned: _Text, budget: KeyBudget) -> str | None:
+def _first_hit(
+    entry: LoreEntry, texts: Sequence[_Text], scanned: Callable[[], _Text], budget: KeyBudget
+) -> str | None:
     """Its first primary key's hit, when its secondary keys hold too (read only then: a big book's
     secondary keys cost the turn's key budgets only for entries whose primary key occurs)."""
     for key in entry.keys:

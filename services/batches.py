@@ -17,7 +17,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -290,7 +289,7 @@ def _create_run(
             fields={
                 "id": run_id,
                 "input_format": "openai",
-                "options": asdict(options),
+                "options": options.stored(),
                 "metadata_": meta,
                 "completion_window": window_text,
                 # Exact seconds: a timedelta of a day or more is bound as an interval of days, which

@@ -193,7 +193,13 @@ def refused_destination(url: str) -> str | None:
 
 
 def post_pinned(
-    url: str, address: Address, *, content: bytes, headers: dict[str, str], timeout: float
+    url: str,
+    address: Address,
+    *,
+    content: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    connect_s: float | None = None,
 ) -> int:
     """POST to `url` over a connection to `address`, never to a second lookup of its host (which
     DNS rebinding could point at loopback); the answer's status code. The URL's host stays the Host
@@ -203,12 +209,17 @@ def post_pinned(
     The whole exchange has `timeout` s (TimeoutError past it), and the answer's body is never read:
     the receiver is the tenant's to choose, and one that trickles its headers a byte at a time or
     sends a body without end held a worker thread (httpx's timeout is per read) for as long as it
-    liked."""
-    return anyio.run(partial(_post_pinned, url, address, content, headers, timeout))
+    liked. `connect_s`: at most this long to connect (the rest of `timeout` for the answer)."""
+    return anyio.run(partial(_post_pinned, url, address, content, headers, timeout, connect_s))
 
 
 async def _post_pinned(
-    url: str, address: Address, content: bytes, headers: dict[str, str], timeout: float
+    url: str,
+    address: Address,
+    content: bytes,
+    headers: dict[str, str],
+    timeout: float,
+    connect_s: float | None,
 ) -> int:
     target = httpx.URL(url)
     extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
@@ -216,7 +227,10 @@ async def _post_pinned(
     try:
         with anyio.fail_after(timeout):
             async with (
-                httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client,
+                httpx.AsyncClient(
+                    timeout=httpx.Timeout(timeout, connect=min(connect_s or timeout, timeout)),
+                    follow_redirects=False,
+                ) as client,
                 client.stream(
                     "POST",
                     target.copy_with(host=str(address)),
@@ -418,21 +432,27 @@ def post_signed(
         "X-Mlchat-Delivery": delivery,
     }
     addresses = address if isinstance(address, list) else [address]
-    error = "no address"
+    error, tried = "no address", 0
     for i, each in enumerate(addresses):
         left = deadline - time.monotonic() if i else timeout
         if left <= 0:
             break
+        # Of several, each but the last connects within its share of what is left (at least a second):
+        # a blackholed one (an IPv6 path filtered, a host down) leaves the others their time (review).
+        share = max(left / (len(addresses) - i), 1.0) if i < len(addresses) - 1 else None
+        tried += 1
         try:
-            status = post_pinned(url, each, content=body, headers=headers, timeout=left)
+            status = post_pinned(url, each, content=body, headers=headers, timeout=left, connect_s=share)
             return None if 200 <= status < 300 else f"HTTP {status}"
         except TimeoutError:
             return f"no answer within MLCHAT_CALLBACK_TIMEOUT_S ({settings.callback_timeout_s:g} s in all)"
-        except httpx.ConnectError as exc:  # nothing sent: the next address may take it
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing sent: the next may take it
             error = f"{type(exc).__name__}: {exc}"[:300]
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
-    return error if len(addresses) == 1 else f"{error} (every one of {len(addresses)} addresses tried)"
+    if len(addresses) == 1:
+        return error
+    return f"{error} ({tried} of {len(addresses)} addresses tried within MLCHAT_CALLBACK_TIMEOUT_S)"
 
 
 def callback_refusal(url: str, *, resolve: bool = True) -> str | None:

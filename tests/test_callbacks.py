@@ -145,6 +145,39 @@ def test_a_host_of_several_addresses_is_reached_at_the_next_when_one_refuses(
     assert len(_Receiver.calls) == 1 and _Receiver.calls[0][0]["host"] == f"two.test:{receiver}"
 
 
+def test_a_host_whose_first_address_never_answers_a_connect_is_reached_at_the_next(
+    services, receiver, monkeypatch
+) -> None:
+    """Review of the fallback: only a refused connection went on to the next address; one that is
+    never answered (a filtered IPv6 path, a host down) took the whole timeout and ended the try."""
+    monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
+    monkeypatch.setattr(settings, "callback_timeout_s", 6.0)
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.3", receiver))
+    blackhole.listen(0)  # never accepted: once its queue is full, connects to it go unanswered
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.3", receiver))
+        fillers.append(filler)
+    real = socket.getaddrinfo
+
+    def two(name, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name != "slow-first.test":
+            return real(name, port, *args, **kwargs)
+        return real("127.0.0.3", port, *args, **kwargs) + real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two)
+    try:
+        run_id = _run_calling_back(f"http://slow-first.test:{receiver}/hook")
+        assert deliver(run_id) is True
+        assert len(_Receiver.calls) == 1
+    finally:
+        for each in [*fillers, blackhole]:
+            each.close()
+
+
 def test_a_receiver_answering_410_is_not_called_again(services, receiver, monkeypatch) -> None:
     """Callbacks review: every non-2xx was retried alike, about thirty tries over a day; a receiver
     had no way to say "stop". A 410 Gone is not tried again."""

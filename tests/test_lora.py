@@ -1502,21 +1502,31 @@ def test_the_sweep_removes_copies_no_registration_names_once_a_day_old(world, tm
     assert registry.remove_superseded() == 1 and not registered.exists()
 
 
-def test_a_registered_copy_gone_from_a_readable_adapters_folder_fails_at_once(tmp_path) -> None:
+def test_a_registered_copy_gone_from_a_readable_adapters_folder_fails_its_turns_at_once(
+    tmp_path, monkeypatch
+) -> None:
     """Disaster-recovery review: a registration whose copy is gone (the state folder lost, a restore
     to a registration the sweep had removed the copy of) was a passing failure: each turn was looked
-    at again a minute apart, about twelve minutes, its conversation waiting behind it. An empty or
-    unreadable folder (a volume briefly away) still passes."""
+    at again a minute apart, about twelve minutes, its conversation waiting behind it. Its turns fail
+    at once; the copy is looked at again later (a restore may still be copying it back). An empty
+    adapters folder (a volume not mounted yet) still passes."""
+    import pytest
+
+    from core.settings import settings
     from worker import engine as engine_module
-    from worker.engine import Adapter
+    from worker.engine import Adapter, AdapterUnavailable
 
     root = tmp_path / "adapters"
     root.mkdir()
-    gone = Adapter("mira@v3", 3, str(root / "mira-v3-0123abcd"))
-    state = engine_module._try_add_lora(gone)  # an empty folder: perhaps a volume not mounted yet
-    assert state.error is not None and state.retry_at is not None
-    (root / "luffy-v1-89abcdef").mkdir()  # the folder is there, holding other copies
-    state = engine_module._try_add_lora(gone)
-    assert state.retry_at is None and "is gone from the adapters folder; register the adapter again" in (
-        state.error or ""
-    )
+    monkeypatch.setattr(engine_module, "_adapters", {})  # this case's verdicts, not the session's
+    monkeypatch.setattr(settings, "adapters_dir", root)  # no adapted turn is answered meanwhile
+    gone = Adapter("mira@v3", 3, str(root / "mira" / "0123abcd"))  # as `lora register` lays copies out
+    with pytest.raises(AdapterUnavailable) as passing:  # an empty folder: perhaps not mounted yet
+        engine_module.load_adapter(gone)
+    assert passing.value.retry_in is not None
+    monkeypatch.setattr(engine_module, "_adapters", {})
+    (root / "luffy" / "89abcdef").mkdir(parents=True)  # the folder holds other characters' copies
+    with pytest.raises(AdapterUnavailable, match="is gone from the adapters folder; register") as failed:
+        engine_module.load_adapter(gone)
+    assert failed.value.retry_in is None  # its turns fail now
+    assert engine_module._adapters[gone.key].retry_at is not None  # and it is looked at again later

@@ -335,8 +335,8 @@ def test_recursive_scanning_prepares_each_text_once_per_step_not_once_per_entry_
 
     monkeypatch.setattr(lorebook._Text, "of", classmethod(counting))
     assert set(_fired(book, "start here")) == {0}
-    # step 0: the message and the joined text; step 1: the first entry's content and the joined text
-    assert folded == 4
+    # step 0: the message; step 1: the first entry's content (the joined text only for secondary keys)
+    assert folded == 2
 
 
 def test_plain_keys_share_a_time_budget_and_a_book_is_held_to_its_limits_at_import(monkeypatch) -> None:
@@ -634,3 +634,66 @@ def test_a_book_of_null_fields_and_no_budget_is_read_as_sillytavern_reads_it() -
     ]
     kept = activate(book, message="the lamp", history=[], count_tokens=_words, room=1000).kept
     assert {f.entry.id for f in kept} == {0, 1}
+
+
+def test_a_step_with_no_player_line_reads_its_scan_depth_in_history_lines() -> None:
+    """Review of the scan-depth change: a scene's or the narrator's step has no player message, which
+    still took one of the N messages read: a book of depth 1 never fired a keyed entry there."""
+    book = _book({"keys": ["lighthouse"]}, scan_depth=1)
+    assert _fired(book, "", ["we saw the lighthouse"]) == {0: "key 'lighthouse' in history line -1"}
+    assert _fired(book, "what now?", ["we saw the lighthouse"]) == {}
+
+
+def test_a_key_filled_to_nothing_never_fires_and_a_filled_key_is_trimmed() -> None:
+    """Review: keys are filled after the empty-key check, so `{{// todo}}` (filled to nothing) was in
+    every text, and "dragon {{// plural}}" kept its space and missed "dragon."."""
+    from worker.prompt.layout import fill_macros
+
+    book = _book({"keys": ["{{// todo}}"]}, {"keys": ["dragon {{// plural}}"]}, {"keys": ["{{trim}}"]})
+    fired = activate(
+        book, message="a dragon.", history=[], count_tokens=_words, fill=lambda t: fill_macros(t, "A", "B")
+    )
+    assert {f.entry.id for f in fired.kept} == {1}
+
+
+def test_sillytaverns_delay_level_is_read_as_a_delay() -> None:
+    """Review: SillyTavern writes `delay_until_recursion` as a recursion level (2, say), which refused
+    the whole card as not a boolean."""
+    book = Lorebook.from_character_book(
+        {"entries": [{"keys": ["x"], "content": "y", "extensions": {"delay_until_recursion": 2}}]}
+    )
+    assert book.entries[0].delay_until_recursion is True
+    none = Lorebook.from_character_book(
+        {"entries": [{"keys": ["x"], "content": "y", "extensions": {"delay_until_recursion": 0}}]}
+    )
+    assert none.entries[0].delay_until_recursion is False
+
+
+def test_an_unclosed_comment_is_left_as_written_and_closed_ones_go() -> None:
+    from worker.prompt.layout import without_comments
+
+    assert without_comments("a{{// one}}b{{//two\n}}c") == "abc"
+    assert without_comments("a{{// open" + "{{//" * 1000) == "a{{// open" + "{{//" * 1000
+
+
+def test_entries_of_many_scan_depths_share_the_texts_the_chat_holds(monkeypatch) -> None:
+    """Review: each distinct entry scan depth built its own joined, casefolded text, before any
+    budget: a card of a thousand depths joined the recursed megabytes a thousand times a step."""
+    from roleplay import lorebook
+
+    entries = [
+        {"keys": ["gate"], "selective": True, "secondary_keys": ["x"], "extensions": {"scan_depth": d}}
+        for d in range(200)
+    ]
+    book = Lorebook.from_character_book({"entries": [e | {"content": "c"} for e in entries]})
+    folded = 0
+    made = lorebook._Text.of.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, where, text):  # type: ignore[no-untyped-def]
+        nonlocal folded
+        folded += 1
+        return made(cls, where, text)
+
+    monkeypatch.setattr(lorebook._Text, "of", classmethod(counting))
+    activate(book, message="the gate", history=["one", "two"], count_tokens=_words)
+    assert folded <= 3 + 4  # the three chat texts, and a join per count of them read (0 to 3)

@@ -424,9 +424,23 @@ def test_summaries_past_the_prompts_room_for_them_merge_the_two_oldest() -> None
     merge = work(3 * 156 - 1)
     assert merge is not None and (merge.level, merge.first_seq, merge.last_seq) == (3, 1, 680)
     assert [text for _, text in merge.parts] == ["y" * 600] * 2 and merge.seqs == [640, 680]
-    from memory.summarize import summaries_room
+    from memory.summary_room import summaries_room
 
     assert summaries_room() == settings.memory_budget_tokens - 2 * 32  # the defaults: 448 tokens
+    # review: the merge was never scheduled (the due check knew the lines and the fanout alone)
+    with session_scope() as s:
+        due = {
+            budget: conversations_due(
+                session=s,
+                conversation_ids=[conv],
+                recent_n=12,
+                threshold_tokens=1_000_000,
+                fanout=4,
+                budget_tokens=budget,
+            )
+            for budget in (None, 3 * 156, 3 * 156 - 1)
+        }
+    assert due == {None: [], 3 * 156: [], 3 * 156 - 1: [conv]}
 
 
 def test_two_workers_never_summarise_the_same_range() -> None:

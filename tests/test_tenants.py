@@ -167,6 +167,12 @@ def test_a_batch_refuses_a_scene_line_naming_it(base_url) -> None:
     assert batch["status"] == "failed", batch
     messages = [e["message"] for e in batch["errors"]["data"]]
     assert any(m.startswith("scene: a batch takes no scene lines") for m in messages), messages
+    # review: not stored with the run (a release before it refused an options key it did not know),
+    # and a later release's key is left aside here the same way
+    from services.runs.openai_lines import LineOptions
+
+    assert "scenes" not in LineOptions(scenes=False).stored()
+    assert LineOptions.of_stored({"candidates": 2, "a_later_option": True}) == LineOptions(candidates=2)
 
 
 def test_allow_system_prompt_needs_an_admin_key(base_url) -> None:

@@ -427,6 +427,9 @@ class _AdapterState:
 
     error: str | None
     retry_at: float | None = None
+    # Fails the turns that meet it at once, though looked at again from `retry_at` (a copy gone that
+    # may come back: a restore of the adapters folder still running).
+    fails_turns: bool = False
 
     def current(self) -> bool:
         return self.retry_at is None or time.monotonic() < self.retry_at
@@ -464,7 +467,8 @@ def load_adapter(adapter: Adapter) -> None:
                 with _adapters_lock:
                     _adapters[adapter.key] = state
     if state.error is not None:
-        retry_in = None if state.retry_at is None else max(0.0, state.retry_at - time.monotonic())
+        waits = state.retry_at is not None and not state.fails_turns
+        retry_in = max(0.0, state.retry_at - time.monotonic()) if waits and state.retry_at else None
         raise AdapterUnavailable(state.error, retry_in)
     with _adapters_lock:
         known = adapter.key in _loaded
@@ -565,20 +569,25 @@ def _engine_lora_rank() -> int | None:
 
 
 def _folder_gone(adapter: Adapter) -> _AdapterState | None:
-    """Final when the adapters' folder is there and holds copies but not this one (a state folder
-    lost, a database restored to a registration whose copy the sweep removed): each of its turns
-    was looked at again a minute apart, about twelve minutes a turn, its conversation waiting behind
-    it (review). An empty or unreadable folder may be a volume briefly away: None, for the load's
-    own passing failure."""
+    """Its turns failed at once when the adapters folder (MLCHAT_ADAPTERS_DIR) is there and holds
+    copies but not this one (a state folder lost, a database restored to a registration whose copy
+    the sweep removed): each was looked at again a minute apart, about twelve minutes a turn, its
+    conversation waiting behind it (review). Looked at again after ADAPTER_RETRY_S all the same (a
+    restore of the folder may still be copying it back). An empty or unreadable folder may be a
+    volume not mounted yet: None, for the load's own passing failure."""
+    from services.lora.registry import adapters_dir
+
     folder = Path(adapter.path)
     try:
-        if folder.exists() or not any(folder.parent.iterdir()):
+        if folder.exists() or not any(adapters_dir().iterdir()):
             return None
     except OSError:
         return None
     return _AdapterState(
         f"adapter {adapter.name}: its copy {adapter.path} is gone from the adapters folder; register"
-        " the adapter again (`mlchat lora register`), or unregister it"
+        " the adapter again (`mlchat lora register`), or unregister it",
+        time.monotonic() + ADAPTER_RETRY_S,
+        fails_turns=True,
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -173,8 +173,20 @@ class LineOptions:
     allow_system_prompt: bool = False  # a system message replaces the character's own system prompt
     candidates: int | None = None  # best of n for lines that do not set params.n (None: the setting)
     # Scene lines taken: not in an OpenAI batch, whose output file has no room for a scene's speakers
-    # and opening, nor a line for the scene's own custom_id (scenes review).
+    # and opening, nor a line for the scene's own custom_id (scenes review). Not stored with the run:
+    # a batch's submission says it again at each try (a release before it read the stored options
+    # as its own and refused a key it did not know).
     scenes: bool = True
+
+    def stored(self) -> dict[str, Any]:
+        """The options as a run stores them."""
+        return {k: v for k, v in asdict(self).items() if k != "scenes"}
+
+    @classmethod
+    def of_stored(cls, stored: dict[str, Any]) -> LineOptions:
+        """Options a run stored, any key this release does not know (a later one's) left aside."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in stored.items() if k in known})
 
 
 class RequestRefused(ValueError):

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,8 @@ def _submit(
         # says), a run submitted with it failed on the very lines it had skipped, its first chunk
         # interrupted too (CLI review); not for a run that ended (an empty one taking a new file).
         options = (kept if resumed else options or kept) or LineOptions()
+        if retry_later:  # a batch's try: its output file names no speaker (scenes review)
+            options = replace(options, scenes=False)
         skip_bad_lines = skip_bad_lines or kept_skip
         tenant = _tenant_of(name, (fields or {}).get("tenant"))
         check = validate_file(path, options, tenant=tenant, every_error=skip_bad_lines, run_name=name)
@@ -250,7 +252,7 @@ def _submit(
                 fields=(fields or {})
                 | {
                     "input_format": check.reader.format,
-                    "options": asdict(options) | {SKIP_BAD_LINES: skip_bad_lines},
+                    "options": options.stored() | {SKIP_BAD_LINES: skip_bad_lines},
                 },
             )
             run_id, model, status = run.id, run.model, run.status
@@ -366,7 +368,7 @@ def _stored_options(name: str) -> tuple[LineOptions | None, bool, bool]:
     if stored is None:
         return None, False, holds_turns
     skipped = bool(stored.pop(SKIP_BAD_LINES, False)) and (holds_turns or stopped)
-    return LineOptions(**stored), skipped, holds_turns
+    return LineOptions.of_stored(stored), skipped, holds_turns
 
 
 def _run_tenant(name: str) -> str | None:

@@ -30,10 +30,7 @@ Clean = Callable[[str], str]
 # the frontend's own) is the default system prompt in the one, nothing elsewhere. A writer's comment
 # `{{// …}}` is nothing (the card spec's MUST: a note such as "she is the villain, never reveal" went
 # into every prompt; review), `{{newline}}` a line break, `{{trim}}` nothing.
-_MACRO = regex.compile(
-    r"\{\{(char|user|original|newline|trim)\}\}|<(bot|char|user)>|(\{\{//.*?\}\})",
-    regex.IGNORECASE | regex.DOTALL,
-)
+_MACRO = regex.compile(r"\{\{(char|user|original|newline|trim)\}\}|<(bot|char|user)>", regex.IGNORECASE)
 _FILLS = {"newline": "\n", "trim": ""}
 
 
@@ -49,14 +46,29 @@ ACTIONS_HEADER = "[Actions]\n"  # over worker/structured.py's actions_prompt, pu
 
 def fill_macros(text: str, char: str, user: str, original: str = "") -> str:
     def fill(match: regex.Match[str]) -> str:
-        if match.group(3):  # a comment
-            return ""
         name = (match.group(1) or match.group(2)).lower()
         if name in _FILLS:
             return _FILLS[name]
         return user if name == "user" else original if name == "original" else char
 
-    return _MACRO.sub(fill, text)
+    return _MACRO.sub(fill, without_comments(text))
+
+
+def without_comments(text: str) -> str:
+    """The text less its `{{// …}}` comments, in one pass (a pattern's lazy match scanned to the end
+    from every `{{//` with no `}}` after it: a card of them held a worker thread for minutes a turn;
+    review). An unclosed one is left as written."""
+    if "{{//" not in text:
+        return text
+    kept, at = [], 0
+    while (start := text.find("{{//", at)) != -1:
+        end = text.find("}}", start + 4)
+        if end == -1:
+            break
+        kept.append(text[at:start])
+        at = end + 2
+    kept.append(text[at:])
+    return "".join(kept)
 
 
 def persona_pieces(
