@@ -212,7 +212,7 @@ def _log_tail(log: Path, lines: int = 25) -> str:
 
 
 def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, early, request) -> None:
-    turns = 32
+    turns = 16  # it holds 8: the rest wait (32 cost the suite's time, the same checks)
     # Two threads (EARLY_ENV): it holds 8 messages (4 a thread), one turn each; the rest wait in Redis.
     mine = early["stopping"]
     with wp.started_alone("stopping", mine.log, proc=mine.proc) as (stopping, solo):

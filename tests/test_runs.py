@@ -220,7 +220,7 @@ def test_a_native_error_line_carries_its_error_code_and_a_refused_line_its_field
 
 
 def test_cancel_keeps_finished_results(world, celery_worker, tmp_path, capsys) -> None:
-    path = _slice(tmp_path, 200, "to-cancel")
+    path = _slice(tmp_path, 80, "to-cancel")
     name = "to-cancel-" + tmp_path.name
     submit_run(path, name=name)
     assert cli(["run", "cancel", name]) == 0
@@ -228,7 +228,7 @@ def test_cancel_keeps_finished_results(world, celery_worker, tmp_path, capsys) -
     assert state.status == RunStatus.CANCELLED
     c = state.counts
     assert c.queued == 0 and c.running == 0 and c.cancelled > 0
-    assert c.completed + c.failed + c.cancelled == c.total == 200
+    assert c.completed + c.failed + c.cancelled == c.total == 80
     _, errors, n_ok, n_err = export_run(name, tmp_path / "out")
     assert n_ok == c.completed and n_err == c.cancelled + c.failed
 
