@@ -66,7 +66,7 @@ def _slots_of_this_pool(sender: Any = None, **_: object) -> None:
 
 _shares_lock = threading.Lock()
 _holding: dict[str | None, int] = {}  # deliveries of each tenant in a slot now
-_struggling: dict[str | None, float] = {}  # tenants a delivery of which failed or was slow: until when
+_struggling: dict[str | None, float] = {}  # tenants a delivery of which was slow: until when
 _waiting: dict[str | None, float] = {}  # tenants a delivery of which was sent back: until it comes again
 SLOT_WAIT_S = 2.0  # a delivery sent back is looked at again after this (up to twice it), doubling
 SLOT_WAIT_MAX_S = 60.0
