@@ -731,6 +731,11 @@ class Settings(BaseSettings):
         return self.served_models or [self.model]
 
     @property
+    def answered_models(self) -> list[str]:
+        """The models whose turns this worker's weights answer: its own and MLCHAT_ANSWERS_FOR_MODELS."""
+        return [self.model, *self.answers_for_models]
+
+    @property
     def batch_files_dir(self) -> Path:
         """Where batch input, output and error files are kept."""
         return self.files_dir or self.state_dir / "files"

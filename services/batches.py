@@ -334,10 +334,19 @@ def submit_batch_by_name(name: str) -> None:
 
 def _submit_batch(name: str) -> None:
     with session_scope() as session:
-        run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
-        if run is None or run.input_file_id is None:
+        row = session.execute(
+            select(Run, func.extract("epoch", func.now() - Run.created_at)).where(Run.name == name)
+        ).one_or_none()
+        if row is None:
+            return
+        run, age = row
+        if run.input_file_id is None:
             return
         run_id, file_id, callback = run.id, run.input_file_id, run.callback_url
+    # Its age on the database's clock alone, read while the database answered (review: this host's
+    # clock less the database's was minutes off on a skewed host; read again after a failed try,
+    # an outage's, it was 0 and the back-off never grew).
+    read_at, age_s = time.monotonic(), max(float(age or 0.0), 0.0)
     attempt: int | None = None  # unknown until counted: the database may be what broke
     counting = False  # the try's count was written (its commit's answer may still be lost)
     try:
@@ -384,21 +393,8 @@ def _submit_batch(name: str) -> None:
         if failed and callback:
             send_callback(run_id)
     except Exception as exc:
-        _retry_later(run_id, name, callback, attempt, exc, _waited_s(run_id), counted=counting)
-
-
-def _waited_s(run_id: uuid.UUID) -> float:
-    """Since the batch was created, on the database's clock alone (review: this host's clock less the
-    database's, minutes off on a skewed host, stretched or cut the back-off); 0 when the database
-    cannot say (what broke the try may be it)."""
-    try:
-        with session_scope() as session:
-            waited = session.scalar(
-                select(func.extract("epoch", func.now() - Run.created_at)).where(Run.id == run_id)
-            )
-    except DATABASE_OUTAGES:
-        return 0.0
-    return max(float(waited or 0.0), 0.0)
+        waited_s = age_s + time.monotonic() - read_at
+        _retry_later(run_id, name, callback, attempt, exc, waited_s, counted=counting)
 
 
 POSTPONE_WITHIN_S = 30.0  # how long a stopped try's postponement waits for the database

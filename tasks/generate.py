@@ -315,7 +315,7 @@ def _claimed_sends(report: Any) -> list[Resend]:
     for step in report.next_steps:
         steps.setdefault(step.model, []).append((step.turn_id, step.lane))
     sends = [Resend(turns, model=model, stamp=True) for model, turns in steps.items()]
-    return sends + _stalled_sends(report.stalled) + _sent_home(report.elsewhere)
+    return sends + _stalled_sends(report.stalled) + _stalled_sends(report.elsewhere, HOME_AFTER_S)
 
 
 # Another model's turns go back to their queue after a wait: where this worker consumes that queue
@@ -323,20 +323,11 @@ def _claimed_sends(report: Any) -> list[Resend]:
 HOME_AFTER_S = 30.0
 
 
-def _sent_home(elsewhere: list[Any]) -> list[Resend]:
-    """Turns of another model than this worker's (their claim stamped them sent), to their model's
-    queue."""
-    return [
-        Resend([(turn.id, "bulk" if turn.run_id is not None else "live")], HOME_AFTER_S, model=turn.model)
-        for turn in elsewhere
-    ]
-
-
-def _stalled_sends(stalled: list[Any]) -> list[Resend]:
+def _stalled_sends(stalled: list[Any], countdown: float | None = None) -> list[Resend]:
     """Earlier turns that lost their worker, each to its model's queue, so that a claim takes them
-    first."""
+    first (and another model's turns a claim left, `countdown` s on: _sent_home)."""
     return [
-        Resend([(turn.id, "bulk" if turn.run_id is not None else "live")], model=turn.model)
+        Resend([(turn.id, "bulk" if turn.run_id is not None else "live")], countdown, model=turn.model)
         for turn in stalled
     ]
 

@@ -124,6 +124,18 @@ def test_a_delivery_keeps_the_host_header_of_the_url(services, receiver, monkeyp
     assert not verify_signature(signed.split(",v2=")[0], body, tenant_secret(""), delivery=delivery)
 
 
+def _resolves_to(monkeypatch, host: str, addresses: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """`host` resolves to every one of `addresses`, in order; every other name as usual."""
+    real = socket.getaddrinfo
+
+    def lookup(name, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name != host:
+            return real(name, port, *args, **kwargs)
+        return [entry for address in addresses for entry in real(address, port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+
 def test_a_host_of_several_addresses_is_reached_at_the_next_when_one_refuses(
     services, receiver, monkeypatch
 ) -> None:
@@ -131,15 +143,8 @@ def test_a_host_of_several_addresses_is_reached_at_the_next_when_one_refuses(
     day: an AAAA whose path is blocked, or one host of several down, failed the callback where curl
     and browsers reach the host at its next address."""
     monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
-    real = socket.getaddrinfo
-
-    def two(name, port, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if name != "two.test":
-            return real(name, port, *args, **kwargs)
-        # 127.0.0.2 first: loopback, where nothing listens on the receiver's port (refused at once)
-        return real("127.0.0.2", port, *args, **kwargs) + real("127.0.0.1", port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", two)
+    # 127.0.0.2 first: loopback, where nothing listens on the receiver's port (refused at once)
+    _resolves_to(monkeypatch, "two.test", ["127.0.0.2", "127.0.0.1"])
     run_id = _run_calling_back(f"http://two.test:{receiver}/hook")
     assert deliver(run_id) is True
     assert len(_Receiver.calls) == 1 and _Receiver.calls[0][0]["host"] == f"two.test:{receiver}"
@@ -161,14 +166,7 @@ def test_a_host_whose_first_address_never_answers_a_connect_is_reached_at_the_ne
         filler.setblocking(False)
         filler.connect_ex(("127.0.0.3", receiver))
         fillers.append(filler)
-    real = socket.getaddrinfo
-
-    def two(name, port, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if name != "slow-first.test":
-            return real(name, port, *args, **kwargs)
-        return real("127.0.0.3", port, *args, **kwargs) + real("127.0.0.1", port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", two)
+    _resolves_to(monkeypatch, "slow-first.test", ["127.0.0.3", "127.0.0.1"])
     try:
         run_id = _run_calling_back(f"http://slow-first.test:{receiver}/hook")
         assert deliver(run_id) is True

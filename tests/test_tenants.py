@@ -129,6 +129,17 @@ def test_keys_of_one_tenant_read_and_cancel_each_others_turns_and_no_other_key_d
         assert httpx.delete(turn, headers=stranger).status_code == 404
 
 
+def _validated(base_url: str, headers: dict[str, str], batch_id: str) -> dict:
+    """The batch once its validation ended (within a minute)."""
+    deadline = time.monotonic() + 60
+    while (batch := httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=headers).json())[
+        "status"
+    ] == "validating":
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    return batch
+
+
 def test_a_batch_line_cannot_name_another_tenants_conversation(base_url) -> None:
     started = new_conversation()
     first = _post(base_url, A, started | {"message": "The password is swordfish."})
@@ -138,13 +149,7 @@ def test_a_batch_line_cannot_name_another_tenants_conversation(base_url) -> None
     line = {"custom_id": "x1", "conversation": started["conversation"], "message": "What is the password?"}
     created = _batch(base_url, B, _upload(base_url, B, [line]))
     assert created.status_code == 200, created.text
-    batch_id = created.json()["id"]
-    deadline = time.monotonic() + 60
-    while (batch := httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=B).json())[
-        "status"
-    ] == "validating":
-        assert time.monotonic() < deadline, batch
-        time.sleep(0.2)
+    batch = _validated(base_url, B, created.json()["id"])
     assert batch["status"] == "failed", batch
     messages = [e["message"] for e in batch["errors"]["data"]]
     assert any("conversation" in m and started["conversation"] in m for m in messages), messages
@@ -157,13 +162,7 @@ def test_a_batch_refuses_a_scene_line_naming_it(base_url) -> None:
     scene = {"participants": ["elara", "luffy"], "premise": "A rainy night.", "exchanges": 3}
     created = _batch(base_url, B, _upload(base_url, B, [{"custom_id": "gate-17", "scene": scene}]))
     assert created.status_code == 200, created.text
-    batch_id = created.json()["id"]
-    deadline = time.monotonic() + 60
-    while (batch := httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=B).json())[
-        "status"
-    ] == "validating":
-        assert time.monotonic() < deadline, batch
-        time.sleep(0.2)
+    batch = _validated(base_url, B, created.json()["id"])
     assert batch["status"] == "failed", batch
     messages = [e["message"] for e in batch["errors"]["data"]]
     assert any(m.startswith("scene: a batch takes no scene lines") for m in messages), messages

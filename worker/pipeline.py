@@ -174,7 +174,7 @@ def process_batch(
                 lease_s=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
                 wait_limit_s=settings.order_wait_limit_s,
-                models=[settings.model, *settings.answers_for_models],
+                models=settings.answered_models,
             )
             # Before the commit: the claim stamped these sent, and if the commit's reply is lost (it
             # may have gone through) the batch's report must still send them, or nothing would for
@@ -1208,10 +1208,7 @@ def adapter_of(character: Any, tenant: str, speaker: str = "character") -> Adapt
         return None
     if character.lora_tenant is not None and character.lora_tenant != tenant:
         return None
-    if character.lora_model is not None and character.lora_model not in (
-        settings.model,
-        *settings.answers_for_models,
-    ):
+    if character.lora_model is not None and character.lora_model not in settings.answered_models:
         return None  # these weights' own names answer with it (MLCHAT_ANSWERS_FOR_MODELS: the same weights)
     name = f"{character.slug}@v{character.lora_version}"
     return Adapter(name, adapter_id(adapter_key(name, character.lora_path)), character.lora_path)
