@@ -15,6 +15,21 @@ def _book(*entries: dict, **book) -> Lorebook:
     )
 
 
+def _texts_prepared(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
+    """The texts the scan prepares (normalises and casefolds) from now on, by where they come from."""
+    from roleplay import lorebook
+
+    prepared: list[str] = []
+    made = lorebook._Text.of.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, where, text):  # type: ignore[no-untyped-def]
+        prepared.append(where)
+        return made(cls, where, text)
+
+    monkeypatch.setattr(lorebook._Text, "of", classmethod(counting))
+    return prepared
+
+
 def _fired(book: Lorebook, message: str, history=(), **kw) -> dict:
     act = activate(book, message=message, history=list(history), count_tokens=_words, **kw)
     return {f.entry.id: f.reason for f in act.kept}
@@ -316,7 +331,6 @@ def test_a_book_of_thousands_of_entries_is_scanned_without_comparing_entries_to_
 
 
 def test_recursive_scanning_prepares_each_text_once_per_step_not_once_per_entry_and_key(monkeypatch) -> None:
-    from roleplay import lorebook
 
     book = _book(
         {"keys": ["start"], "content": "wolf " * 2000},
@@ -325,18 +339,10 @@ def test_recursive_scanning_prepares_each_text_once_per_step_not_once_per_entry_
         max_recursion_steps=2,
         token_budget=100_000,
     )
-    folded = 0
-    made = lorebook._Text.of.__func__  # type: ignore[attr-defined]
-
-    def counting(cls, where, text):  # type: ignore[no-untyped-def]
-        nonlocal folded
-        folded += 1
-        return made(cls, where, text)
-
-    monkeypatch.setattr(lorebook._Text, "of", classmethod(counting))
+    prepared = _texts_prepared(monkeypatch)
     assert set(_fired(book, "start here")) == {0}
     # step 0: the message; step 1: the first entry's content (the joined text only for secondary keys)
-    assert folded == 2
+    assert len(prepared) == 2
 
 
 def test_plain_keys_share_a_time_budget_and_a_book_is_held_to_its_limits_at_import(monkeypatch) -> None:
@@ -679,21 +685,12 @@ def test_an_unclosed_comment_is_left_as_written_and_closed_ones_go() -> None:
 def test_entries_of_many_scan_depths_share_the_texts_the_chat_holds(monkeypatch) -> None:
     """Review: each distinct entry scan depth built its own joined, casefolded text, before any
     budget: a card of a thousand depths joined the recursed megabytes a thousand times a step."""
-    from roleplay import lorebook
 
     entries = [
         {"keys": ["gate"], "selective": True, "secondary_keys": ["x"], "extensions": {"scan_depth": d}}
         for d in range(200)
     ]
     book = Lorebook.from_character_book({"entries": [e | {"content": "c"} for e in entries]})
-    folded = 0
-    made = lorebook._Text.of.__func__  # type: ignore[attr-defined]
-
-    def counting(cls, where, text):  # type: ignore[no-untyped-def]
-        nonlocal folded
-        folded += 1
-        return made(cls, where, text)
-
-    monkeypatch.setattr(lorebook._Text, "of", classmethod(counting))
+    prepared = _texts_prepared(monkeypatch)
     activate(book, message="the gate", history=["one", "two"], count_tokens=_words)
-    assert folded <= 3 + 4  # the three chat texts, and a join per count of them read (0 to 3)
+    assert len(prepared) <= 3 + 4  # the three chat texts, and a join per count of them read (0 to 3)
